@@ -1,0 +1,66 @@
+# Sandbox Engine — the front door. `make run` and `make test` set up whatever is missing first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SANDBOX_PG_PORT ?= 55432
+export SANDBOX_PG_PORT
+export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
+
+.PHONY: help setup packages venv toolchain services base-image run test lint format env doctor stop clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup: packages venv toolchain services base-image ## install and start everything the engine needs
+
+packages: ## Debian packages: docker.io, postgresql, debootstrap (only when missing)
+	@deploy/local/packages.sh
+
+$(STAMP): pyproject.toml
+	@python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "python3 must be Python 3.11")'
+	@test -x $(BIN)/python || python3 -m venv $(VENV) >&2
+	@echo "[venv] installing the package and its dev tools into $(VENV)" >&2
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' >&2
+	@touch $@
+
+venv: $(STAMP) ## the project's Python environment in .venv
+
+toolchain: ## pulumi, its Python language host and traefik, built from Go modules (cached)
+	@toolchain/build.sh
+
+services: ## start dockerd and the project's PostgreSQL cluster when they are not running
+	@deploy/local/dockerd.sh
+	@deploy/local/postgres.sh
+
+base-image: ## the offline Debian base image (debootstrap + docker import)
+	@images/base/build.sh
+
+run: setup ## set up, then run the service in the foreground
+	$(BIN)/sandbox-engine serve
+
+test: setup lint ## set up, lint, then run the tests
+	$(BIN)/python -m pytest
+
+lint: venv ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+env: venv ## print shell exports: eval "$$(make -s env)"
+	@$(BIN)/sandbox-engine env
+
+doctor: venv ## a table of every component, OK or the fix; exit 1 when one is missing
+	@$(BIN)/sandbox-engine doctor
+
+stop: ## stop the project's PostgreSQL cluster (dockerd is shared and left running)
+	@deploy/local/postgres.sh stop
+
+clean: stop ## stop, then remove local state, the venv and the toolchain links (not the caches)
+	rm -rf .state $(VENV) .toolchain

@@ -1,0 +1,148 @@
+"""``make doctor``: one row per component the engine needs, with the fix for what is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+
+from engine.settings import Settings
+from engine.toolenv import sdk_version
+
+BASE_IMAGE = "sandbox-base:bookworm"
+
+
+@dataclass(frozen=True)
+class Check:
+    component: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _run(argv: list[str], timeout: float = 20) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+    return out.stdout.strip()
+
+
+def check_dockerd() -> Check:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=5)
+        info = client.version()
+        client.close()
+    except Exception as exc:  # any failure here means "not reachable"
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return Check(
+            "dockerd",
+            False,
+            f"no answer at {where}: {type(exc).__name__}",
+            "deploy/local/dockerd.sh (or: make run / make test)",
+        )
+    return Check("dockerd", True, f"Docker Engine {info.get('Version', '?')}")
+
+
+def check_postgres(settings: Settings) -> Check:
+    import psycopg
+
+    try:
+        with psycopg.connect(settings.database_url.get_secret_value(), connect_timeout=5) as conn:
+            row = conn.execute("show server_version").fetchone()
+    except Exception as exc:
+        # The message from libpq can carry the URL's host and user, never its password.
+        return Check(
+            "postgresql",
+            False,
+            f"cannot connect: {type(exc).__name__}",
+            "deploy/local/postgres.sh (or: make run / make test)",
+        )
+    return Check("postgresql", True, f"PostgreSQL {row[0] if row else '?'}")
+
+
+def check_pulumi(settings: Settings) -> Check:
+    exe = settings.toolchain_path / "pulumi"
+    want = sdk_version()
+    try:
+        got = _run([str(exe), "version"], timeout=30).removeprefix("v")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("pulumi CLI", False, f"{exe}: {type(exc).__name__}", "toolchain/build.sh")
+    if got != want:
+        return Check("pulumi CLI", False, f"v{got}, but the SDK is {want}", "toolchain/build.sh")
+    return Check("pulumi CLI", True, f"v{got} (SDK {want})")
+
+
+def check_language_host(settings: Settings) -> Check:
+    names = [
+        "pulumi-language-python",
+        "pulumi-language-python-exec",
+        "pulumi-resource-pulumi-python",
+    ]
+    missing = [n for n in names if not os.access(settings.toolchain_path / n, os.X_OK)]
+    if missing:
+        return Check("language host", False, "missing " + ", ".join(missing), "toolchain/build.sh")
+    return Check("language host", True, "pulumi-language-python with its exec and provider scripts")
+
+
+def check_traefik(settings: Settings) -> Check:
+    exe = settings.toolchain_path / "traefik"
+    try:
+        out = _run([str(exe), "version"])
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("traefik", False, f"{exe}: {type(exc).__name__}", "toolchain/build.sh")
+    first = next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Version:")),
+        out.splitlines()[0] if out else "?",
+    )
+    return Check("traefik", True, first)
+
+
+def check_base_image() -> Check:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=5)
+        image = client.images.get(BASE_IMAGE)
+        client.close()
+    except Exception as exc:
+        return Check(
+            "base image", False, f"{BASE_IMAGE}: {type(exc).__name__}", "images/base/build.sh"
+        )
+    return Check("base image", True, f"{BASE_IMAGE} {image.short_id}")
+
+
+def check_package() -> Check:
+    try:
+        own = dist_version("sandbox-engine")
+        docker_sdk = dist_version("pulumi_docker")
+    except PackageNotFoundError as exc:
+        return Check("python package", False, f"{exc} not installed", "make venv")
+    return Check("python package", True, f"sandbox-engine {own}, pulumi_docker {docker_sdk}")
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    checks: Iterable[Callable[[], Check]] = (
+        check_dockerd,
+        lambda: check_postgres(settings),
+        lambda: check_pulumi(settings),
+        lambda: check_language_host(settings),
+        lambda: check_traefik(settings),
+        check_base_image,
+        check_package,
+    )
+    return [c() for c in checks]
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.component) for c in checks)
+    lines = []
+    for c in checks:
+        status = "OK  " if c.ok else "FAIL"
+        line = f"{status}  {c.component:<{width}}  {c.detail}"
+        if not c.ok and c.fix:
+            line += f"  -> fix: {c.fix}"
+        lines.append(line)
+    return "\n".join(lines)

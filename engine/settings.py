@@ -1,0 +1,91 @@
+"""The engine's one settings object, read from ``SANDBOX_*`` environment variables.
+
+Defaults describe a checkout on a developer's machine: the project-local PostgreSQL cluster
+started by ``deploy/local/postgres.sh`` and the toolchain linked into ``.toolchain/bin``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The checkout this package runs from, when it runs from one (an editable install).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def _default_project_dir() -> Path:
+    return _CHECKOUT if (_CHECKOUT / "Pulumi.yaml").is_file() else Path.cwd()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SANDBOX_", extra="ignore")
+
+    # Folder holding Pulumi.yaml and stacks/: the Pulumi project every sandbox stack belongs to.
+    project_dir: Path = Field(default_factory=_default_project_dir)
+    # Folder for local state: PostgreSQL data, PULUMI_HOME, the passphrase file, logs.
+    state_dir: Path | None = None
+    # Folder with the pulumi CLI, its language host and traefik (made by toolchain/build.sh).
+    toolchain_bin: Path | None = None
+    # The engine's database: keys, sandboxes, events, and (by default) the Pulumi state.
+    database_url: SecretStr = SecretStr("postgresql://sandbox:sandbox@127.0.0.1:55432/sandbox")
+    # Pulumi state backend: postgres://…, file://… or empty for the engine's own database.
+    pulumi_backend_url: SecretStr | None = None
+    # Table that holds Pulumi state when the backend is the engine's database.
+    pulumi_state_table: str = "pulumi_state"
+    # Address the API listens on.
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"postgresql", "postgres"}:
+            raise ValueError(f"database_url must be a postgresql:// URL, got scheme {scheme!r}")
+        return value
+
+    @field_validator("pulumi_state_table")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        if not value.isidentifier() or not value.isascii():
+            raise ValueError("pulumi_state_table must be a plain SQL identifier")
+        return value
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or self.project_dir / ".state"
+
+    @property
+    def toolchain_path(self) -> Path:
+        return self.toolchain_bin or self.project_dir / ".toolchain" / "bin"
+
+    @property
+    def pulumi_home(self) -> Path:
+        return self.state_path / "pulumi-home"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.state_path / "pulumi-passphrase"
+
+    def backend_url(self) -> str:
+        """The Pulumi backend URL; by default the DIY PostgreSQL backend in our database."""
+        if self.pulumi_backend_url is not None:
+            return self.pulumi_backend_url.get_secret_value()
+        return postgres_backend_url(self.database_url.get_secret_value(), self.pulumi_state_table)
+
+
+def postgres_backend_url(database_url: str, table: str) -> str:
+    """Turn a libpq URL into the URL Pulumi's DIY PostgreSQL backend expects.
+
+    The backend takes ``postgres://`` with an explicit ``sslmode`` and the state table as the
+    ``table`` query parameter.
+    """
+    parts = urlsplit(database_url)
+    query = [q for q in parts.query.split("&") if q and not q.startswith("table=")]
+    if not any(q.startswith("sslmode=") for q in query):
+        query.append("sslmode=disable")
+    query.append(f"table={quote(table)}")
+    return parts._replace(scheme="postgres", query="&".join(query)).geturl()

@@ -1,0 +1,76 @@
+"""The environment every Pulumi run of the engine gets, and the CLI handle built from it.
+
+One place decides where the CLI, its language host and the state backend are, so that the
+engine, ``sandbox-engine env`` (for a platform engineer's shell) and the tests agree.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from importlib.metadata import version as dist_version
+from pathlib import Path
+
+from pulumi import automation as auto
+
+from engine.settings import Settings
+
+
+def ensure_passphrase_file(settings: Settings) -> Path:
+    """Create the passphrase that encrypts stack secrets on first use (mode 0600)."""
+    path = settings.passphrase_file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return path
+
+
+def pulumi_env(settings: Settings, *, backend_url: str | None = None) -> dict[str, str]:
+    """Variables for a Pulumi CLI run: toolchain first on PATH, no downloads, our backend."""
+    path = os.pathsep.join(
+        [str(settings.toolchain_path), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )
+    return {
+        "PATH": path,
+        "PULUMI_HOME": str(settings.pulumi_home),
+        "PULUMI_BACKEND_URL": backend_url or settings.backend_url(),
+        "PULUMI_CONFIG_PASSPHRASE_FILE": str(ensure_passphrase_file(settings)),
+        # The language host runs programs with this interpreter, the one the engine runs in.
+        "PULUMI_PYTHON_CMD": sys.executable,
+        # Nothing is ever downloaded: a missing plugin is an immediate, named error.
+        "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+        "PULUMI_SKIP_UPDATE_CHECK": "true",
+        # State lives in PostgreSQL, which is backed up as a whole; per-update copies only add rows.
+        "PULUMI_DIY_BACKEND_DISABLE_CHECKPOINT_BACKUPS": "true",
+    }
+
+
+def sdk_version() -> str:
+    """The pulumi Python SDK release installed beside the engine (the CLI must match it)."""
+    return dist_version("pulumi")
+
+
+def pulumi_command(settings: Settings) -> auto.PulumiCommand:
+    """The toolchain's CLI, checked once against the SDK's minimum version.
+
+    Share one handle: building it runs ``pulumi version``.
+    """
+    return auto.PulumiCommand(root=str(settings.toolchain_path.parent))
+
+
+def workspace_options(
+    settings: Settings,
+    *,
+    work_dir: Path,
+    command: auto.PulumiCommand,
+    backend_url: str | None = None,
+) -> auto.LocalWorkspaceOptions:
+    """Options for a LocalWorkspace that runs ``work_dir``'s program with the engine's toolchain."""
+    return auto.LocalWorkspaceOptions(
+        work_dir=str(work_dir),
+        pulumi_command=command,
+        env_vars=pulumi_env(settings, backend_url=backend_url),
+    )
