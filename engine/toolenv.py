@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import sys
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -28,8 +29,35 @@ def ensure_passphrase_file(settings: Settings) -> Path:
     return path
 
 
+def ensure_docker_plugin(settings: Settings) -> Path:
+    """Install the project's docker provider into the plugin cache of ``PULUMI_HOME``.
+
+    The engine looks a provider up in its plugin cache at exactly the version the program's SDK
+    asks for (``pulumi_docker``'s own release), so the provider is installed under that version:
+    any ``pulumi_docker`` program finds it with no download and no "ambient plugin" warning, and
+    the same program finds the upstream provider on a machine where that one is installed.
+    """
+    version = dist_version("pulumi_docker")
+    exe = (
+        settings.pulumi_home / "plugins" / f"resource-docker-v{version}" / "pulumi-resource-docker"
+    )
+    script = (
+        "#!/bin/sh\n"
+        f"# Sandbox Engine's docker provider (stacks/provider) for pulumi_docker {version}.\n"
+        f'exec {shlex.quote(sys.executable)} -m stacks.provider.server "$@"\n'
+    )
+    if not exe.is_file() or exe.read_text() != script:
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(script)
+        tmp.chmod(0o755)
+        tmp.replace(exe)
+    return exe
+
+
 def pulumi_env(settings: Settings, *, backend_url: str | None = None) -> dict[str, str]:
     """Variables for a Pulumi CLI run: toolchain first on PATH, no downloads, our backend."""
+    ensure_docker_plugin(settings)
     path = os.pathsep.join(
         [str(settings.toolchain_path), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     )

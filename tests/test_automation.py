@@ -47,6 +47,9 @@ def _lifecycle(
         again = stack.preview()
         assert again.change_summary.get("same") == 2, again.change_summary
 
+        refresh = stack.refresh()
+        assert refresh.summary.result == "succeeded"
+
         down = stack.destroy()
         assert down.summary.result == "succeeded"
         assert not marker.exists(), "destroy must delete the resource"
