@@ -114,6 +114,18 @@ def check_base_image() -> Check:
     return Check("base image", True, f"{BASE_IMAGE} {image.short_id}")
 
 
+def check_docker_provider(settings: Settings) -> Check:
+    from engine.toolenv import ensure_docker_plugin
+
+    try:
+        import stacks.provider.server  # noqa: F401  (the plugin runs this module)
+
+        exe = ensure_docker_plugin(settings)
+    except Exception as exc:
+        return Check("docker provider", False, f"{type(exc).__name__}: {exc}", "make venv")
+    return Check("docker provider", True, f"{exe.parent.name} in {settings.pulumi_home}/plugins")
+
+
 def check_package() -> Check:
     try:
         own = dist_version("sandbox-engine")
@@ -131,6 +143,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_language_host(settings),
         lambda: check_traefik(settings),
         check_base_image,
+        lambda: check_docker_provider(settings),
         check_package,
     )
     return [c() for c in checks]

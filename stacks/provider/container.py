@@ -291,7 +291,12 @@ class Container(Resource):
 
     def diff(self, old_inputs: Props, news: Props, state: Props) -> Diff:
         news = _keep_assigned_ports(old_inputs, news)
-        result = diff_inputs(old_inputs, news, in_place=self.in_place, computed=self.computed)
+        result = diff_inputs(
+            self._with_filled_in(old_inputs, state),
+            news,
+            in_place=self.in_place,
+            computed=self.computed,
+        )
         # Refresh found the container stopped although it must run: recreate it.
         if (
             state.get("exitCode") is not None
@@ -396,7 +401,7 @@ class Container(Resource):
             image_config = api.inspect_image(attrs["Image"]).get("Config") or {}
         except docker.errors.NotFound:
             image_config = {}
-        actual = spec.from_inspect(attrs, image_config)
+        actual = spec.from_inspect(attrs, image_config, inputs)
         actual = _name_networks_as_declared(actual, inputs)
 
         # Inputs: what was declared, as it is now; undeclared properties Docker fills in stay out.

@@ -390,18 +390,30 @@ def _unmount(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def from_inspect(attrs: dict[str, Any], image_config: dict[str, Any]) -> Props:
-    """Inputs as Docker reports them, normalized; image defaults are left out."""
+def from_inspect(
+    attrs: dict[str, Any], image_config: dict[str, Any], declared: Props | None = None
+) -> Props:
+    """Inputs as Docker reports them, normalized. What the image or the daemon adds by itself
+    (image env and labels, the implicit network aliases) is left out unless it was declared."""
+    declared = declared or {}
     cfg = attrs.get("Config") or {}
     host = attrs.get("HostConfig") or {}
     out: Props = {"name": attrs["Name"].lstrip("/"), "image": cfg.get("Image")}
 
     image_env = set(image_config.get("Env") or [])
-    envs = [e for e in cfg.get("Env") or [] if e not in image_env]
+    wanted_env = [e for e in declared.get("envs") or [] if isinstance(e, str)]
+    actual_env = cfg.get("Env") or []
+    envs = [e for e in wanted_env if e in actual_env]
+    envs += [e for e in actual_env if e not in image_env and e not in envs]
     if envs:
         out["envs"] = envs
     image_labels = image_config.get("Labels") or {}
-    labels = {k: v for k, v in (cfg.get("Labels") or {}).items() if image_labels.get(k) != v}
+    wanted_labels = {x.get("label") for x in declared.get("labels") or [] if isinstance(x, dict)}
+    labels = {
+        k: v
+        for k, v in (cfg.get("Labels") or {}).items()
+        if image_labels.get(k) != v or k in wanted_labels
+    }
     if labels:
         out["labels"] = labels_to_wire(labels)
     out["command"] = cfg.get("Cmd") or []
@@ -524,13 +536,21 @@ def from_inspect(attrs: dict[str, Any], image_config: dict[str, Any]) -> Props:
     if host.get("Mounts"):
         out["mounts"] = [_unmount(m) for m in host["Mounts"]]
 
-    short_id = attrs.get("Id", "")[:12]
+    implicit = {attrs.get("Id", "")[:12], cfg.get("Hostname")}
+    wanted_aliases = {
+        a
+        for n in declared.get("networksAdvanced") or []
+        if isinstance(n, dict)
+        for a in n.get("aliases") or []
+    }
     nets = []
     for name, endpoint in ((attrs.get("NetworkSettings") or {}).get("Networks") or {}).items():
         if name == host.get("NetworkMode") and name in ("bridge", "default", "host", "none"):
             continue  # the daemon's own network, chosen by networkMode, not networksAdvanced
         net: dict[str, Any] = {"name": name, "id": endpoint.get("NetworkID", "")}
-        aliases = [a for a in endpoint.get("Aliases") or [] if a != short_id]
+        aliases = [
+            a for a in endpoint.get("Aliases") or [] if a not in implicit or a in wanted_aliases
+        ]
         if aliases:
             net["aliases"] = aliases
         ipam = endpoint.get("IPAMConfig") or {}

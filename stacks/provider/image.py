@@ -46,7 +46,9 @@ class RemoteImage(Resource):
                 "here: build or load it first",
             ) from exc
         digests = image.attrs.get("RepoDigests") or []
-        return {**inputs, "imageId": image.id, "repoDigest": digests[0] if digests else ""}
+        # A registry gives an image a repo digest; one built or loaded on this host has none, and
+        # its id is then the reference that pins it just as well (so `image=x.repo_digest` works).
+        return {**inputs, "imageId": image.id, "repoDigest": digests[0] if digests else image.id}
 
     def read(
         self, ctx: Context, id_: str, state: Props, inputs: Props

@@ -50,7 +50,18 @@ class Resource(ABC):
         return news
 
     def diff(self, old_inputs: Props, news: Props, state: Props) -> Diff:
-        return diff_inputs(old_inputs, news, in_place=self.in_place, computed=self.computed)
+        return diff_inputs(
+            self._with_filled_in(old_inputs, state),
+            news,
+            in_place=self.in_place,
+            computed=self.computed,
+        )
+
+    def _with_filled_in(self, old_inputs: Props, state: Props) -> Props:
+        """Old inputs plus the values Docker filled in for computed properties left unset, so
+        that declaring a property with the value it already has is no change."""
+        filled = {k: state[k] for k in self.computed if k in state and k not in old_inputs}
+        return {**filled, **old_inputs}
 
     def preview_outputs(self, inputs: Props) -> Props:
         return {**inputs, **{k: UNKNOWN for k in self.outputs}}
