@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image run test lint format env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images run test lint format env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -38,10 +38,13 @@ services: ## start dockerd and the project's PostgreSQL cluster when they are no
 base-image: ## the offline Debian base image (debootstrap + docker import)
 	@images/base/build.sh
 
-run: setup ## set up, then run the service in the foreground
+images: setup ## build the workspace and service images that changed
+	$(BIN)/sandbox-engine images build
+
+run: setup images ## set up, then run the service in the foreground
 	$(BIN)/sandbox-engine serve
 
-test: setup lint ## set up, lint, then run the tests
+test: setup images lint ## set up, build the images that changed, lint, then run the tests
 	$(BIN)/python -m pytest
 
 lint: venv ## ruff and mypy

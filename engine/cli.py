@@ -28,6 +28,23 @@ def _cmd_env(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_images_build(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.images import ImageBuildError, build
+
+    try:
+        build(
+            settings.project_dir / "images",
+            only=args.only,
+            base_image=args.base_image,
+            force=args.force,
+            progress=lambda line: print(line, flush=True),
+        )
+    except (ImageBuildError, ValueError) as exc:
+        print(f"sandbox-engine images build: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -54,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "env", help="print shell exports for pulumi, traefik and the project's database"
     ).set_defaults(func=_cmd_env)
+    images = sub.add_parser("images", help="workspace and service images")
+    images_sub = images.add_subparsers(dest="images_command", required=True, metavar="ACTION")
+    build = images_sub.add_parser("build", help="build the images that changed, in order")
+    build.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="build only this image (and what it starts FROM); repeatable",
+    )
+    build.add_argument(
+        "--base-image",
+        default="sandbox-base:bookworm",
+        help="image the base images start FROM (e.g. debian:bookworm online)",
+    )
+    build.add_argument("--force", action="store_true", help="rebuild even when unchanged")
+    build.set_defaults(func=_cmd_images_build)
     serve = sub.add_parser("serve", help="run the API service in the foreground")
     serve.add_argument("--host", help="listen address (default: SANDBOX_LISTEN_HOST)")
     serve.add_argument("--port", type=int, help="listen port (default: SANDBOX_LISTEN_PORT)")
