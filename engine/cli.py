@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from engine.errors import EngineError
 from engine.settings import Settings
+
+if TYPE_CHECKING:
+    from engine.stacks import StackManager
 
 
 def _cmd_doctor(settings: Settings, _: argparse.Namespace) -> int:
@@ -42,6 +48,94 @@ def _cmd_images_build(settings: Settings, args: argparse.Namespace) -> int:
     except (ImageBuildError, ValueError) as exc:
         print(f"sandbox-engine images build: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_templates_validate(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.errors import TemplateError
+    from engine.templates import load
+
+    files = [Path(f) for f in args.files] or sorted(settings.templates_path.glob("*.yaml"))
+    failed = 0
+    for file in files:
+        try:
+            template = load(file)
+        except TemplateError as exc:
+            failed += 1
+            print(exc, file=sys.stderr)
+        except OSError as exc:
+            failed += 1
+            print(f"{file}: cannot read: {exc.strerror}", file=sys.stderr)
+        else:
+            print(f"{file}: OK ({template.name})")
+    return 1 if failed else 0
+
+
+def _manager(settings: Settings) -> StackManager:
+    from engine.stacks import StackManager
+
+    return StackManager(settings)
+
+
+def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.templates import find
+
+    preview = _manager(settings).preview_template(
+        find(settings.templates_path, args.template), settings.templates_path
+    )
+    for change in preview.changes:
+        props = f" ({', '.join(change.properties)})" if change.properties else ""
+        print(f"{change.op:8} {change.type} {change.name}{props}")
+    print("summary: " + ", ".join(f"{n} {op}" for op, n in sorted(preview.summary.items())))
+    return 0
+
+
+def _cmd_sandbox_create(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.templates import find
+    from engine.units import format_duration, parse_duration
+
+    template = find(settings.templates_path, args.template)
+    ttl = parse_duration(args.ttl) if args.ttl else template.ttl
+    if ttl > template.max_ttl:
+        print(
+            f"sandbox-engine: --ttl {args.ttl} is over the template's max_ttl "
+            f"({format_duration(template.max_ttl)})",
+            file=sys.stderr,
+        )
+        return 2
+    manager = _manager(settings)
+    outputs = manager.create(
+        template,
+        settings.templates_path,
+        progress=lambda line: print(f"[sandbox] {line}", file=sys.stderr, flush=True),
+    )
+    outputs["ttl"] = format_duration(ttl)
+    if args.json:
+        print(json.dumps(outputs, indent=2))
+    else:
+        print(
+            f"sandbox {outputs['sandboxId']} running ({outputs['template']}); "
+            f"terminal: docker exec -it {outputs['workspace']} bash -l"
+        )
+    return 0
+
+
+def _cmd_sandbox_list(settings: Settings, args: argparse.Namespace) -> int:
+    for s in _manager(settings).list():
+        print(
+            f"{s.name.removeprefix('sbx-'):12} {s.resource_count or 0:3} resources  "
+            f"updated {s.last_update or '-'}"
+        )
+    return 0
+
+
+def _cmd_sandbox_destroy(settings: Settings, args: argparse.Namespace) -> int:
+    _manager(settings).destroy(
+        args.id, progress=lambda line: print(f"[sandbox] {line}", file=sys.stderr, flush=True)
+    )
+    print(f"sandbox {args.id} destroyed")
     return 0
 
 
@@ -87,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--force", action="store_true", help="rebuild even when unchanged")
     build.set_defaults(func=_cmd_images_build)
+    templates = sub.add_parser("templates", help="sandbox templates")
+    templates_sub = templates.add_subparsers(
+        dest="templates_command", required=True, metavar="ACTION"
+    )
+    validate = templates_sub.add_parser("validate", help="check template files; exit 1 on errors")
+    validate.add_argument("files", nargs="*", help="files (default: every template)")
+    validate.set_defaults(func=_cmd_templates_validate)
+
+    preview = sub.add_parser("preview", help="what a new sandbox would create (creates nothing)")
+    preview.add_argument("--template", required=True)
+    preview.set_defaults(func=_cmd_preview)
+
+    sandbox = sub.add_parser("sandbox", help="create, list and destroy sandboxes")
+    sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="ACTION")
+    create = sandbox_sub.add_parser("create", help="create a sandbox and wait until it runs")
+    create.add_argument("--template", required=True)
+    create.add_argument("--ttl", help="time to live, e.g. 2h (default: the template's)")
+    create.add_argument("--json", action="store_true", help="print the sandbox as JSON")
+    create.set_defaults(func=_cmd_sandbox_create)
+    sandbox_sub.add_parser("list", help="live sandbox stacks").set_defaults(func=_cmd_sandbox_list)
+    destroy = sandbox_sub.add_parser("destroy", help="destroy a sandbox and remove its stack")
+    destroy.add_argument("id")
+    destroy.set_defaults(func=_cmd_sandbox_destroy)
+
     serve = sub.add_parser("serve", help="run the API service in the foreground")
     serve.add_argument("--host", help="listen address (default: SANDBOX_LISTEN_HOST)")
     serve.add_argument("--port", type=int, help="listen port (default: SANDBOX_LISTEN_PORT)")
@@ -101,7 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError names the variable and the problem
         print(f"sandbox-engine: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    code: int = args.func(settings, args)
+    try:
+        code: int = args.func(settings, args)
+    except EngineError as exc:
+        print(f"sandbox-engine: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     pulumi_backend_url: SecretStr | None = None
     # Table that holds Pulumi state when the backend is the engine's database.
     pulumi_state_table: str = "pulumi_state"
+    # Public ports of sandboxes are served at <sandbox-id>-<port>.<domain>.
+    domain: str = "localhost"
+    # How many Pulumi operations (up, destroy, preview…) run at once.
+    max_stack_operations: int = Field(default=4, ge=1, le=64)
+    # Folder holding the sandbox templates (*.yaml).
+    templates_dir: Path | None = None
     # Address the API listens on.
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8000, ge=1, le=65535)
@@ -53,6 +59,10 @@ class Settings(BaseSettings):
         if not value.isidentifier() or not value.isascii():
             raise ValueError("pulumi_state_table must be a plain SQL identifier")
         return value
+
+    @property
+    def templates_path(self) -> Path:
+        return self.templates_dir or self.project_dir / "templates"
 
     @property
     def state_path(self) -> Path:

@@ -1,9 +1,29 @@
-"""The Pulumi program behind every sandbox stack.
+"""The Pulumi program behind every sandbox stack (``sbx-<id>``).
 
-It maps the spec stored in the stack's config to resources. The spec and its resources arrive
-with the stacks issue; until then the program only reports which stack it runs for.
+The stack's config names the template and the request; the spec is computed from them here
+(``engine.spec``, pure), so a change to a template shows in ``pulumi preview --diff`` of every
+sandbox made from it. ``stacks/sandbox.py`` maps the spec to resources.
 """
+
+from pathlib import Path
 
 import pulumi
 
-pulumi.export("stack", pulumi.get_stack())
+from engine.spec import SandboxRequest, SpecSettings, build_spec
+from engine.templates import load
+from stacks.sandbox import declare
+
+cfg = pulumi.Config("sandbox")
+template = load(Path(cfg.require("templatesDir")) / f"{cfg.require('template')}.yaml")
+spec = build_spec(
+    template,
+    SandboxRequest(sandbox_id=cfg.require("id"), owner=cfg.get("owner") or "cli"),
+    SpecSettings(
+        domain=cfg.get("domain") or "localhost",
+        entrypoint=cfg.get("entrypoint") or "web",
+        tls_resolver=cfg.get("tlsResolver") or "",
+    ),
+)
+password = cfg.require_secret("servicePassword") if "postgres" in template.services else None
+for key, value in declare(spec, password).items():
+    pulumi.export(key, value)

@@ -86,13 +86,22 @@ def test_the_repository_is_a_pulumi_project(
     opts = workspace_options(
         settings, work_dir=ROOT, command=pulumi_cmd, backend_url=file_backend_url
     )
-    stack = auto.create_stack("sbx-project-check", work_dir=str(ROOT), opts=opts)
+    stack = auto.create_stack("sbx-projectcheck", work_dir=str(ROOT), opts=opts)
     try:
-        up = stack.up()
-        assert up.outputs["stack"].value == "sbx-project-check"
-        stack.destroy()
+        stack.set_all_config(
+            {
+                "sandbox:id": auto.ConfigValue("projectcheck"),
+                "sandbox:template": auto.ConfigValue("backend-go"),
+                "sandbox:templatesDir": auto.ConfigValue(str(ROOT / "templates")),
+                "sandbox:servicePassword": auto.ConfigValue("x", secret=True),
+            }
+        )
+        preview = stack.preview()
+        # network, two volumes, two containers, and the docker provider
+        assert preview.change_summary.get("create") == 6, preview.change_summary
     finally:
-        stack.workspace.remove_stack("sbx-project-check", force=True)
+        stack.workspace.remove_stack("sbx-projectcheck", force=True)
+        (ROOT / "Pulumi.sbx-projectcheck.yaml").unlink(missing_ok=True)
 
 
 def test_missing_plugin_fails_without_download(

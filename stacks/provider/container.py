@@ -332,13 +332,11 @@ class Container(Resource):
                 except docker.errors.APIError as exc:
                     raise _blame(exc, inputs) from exc
                 self._await_running(ctx, id_, inputs)
-            found = self.read(ctx, id_, {}, inputs)
-            if found is None:
-                raise ProviderError(f"container {name!r} disappeared right after it was created")
+            outputs = self.read_back(ctx, id_, inputs, after="create")
         except BaseException:
             _remove_quietly(ctx, id_)
             raise
-        return id_, found[0]
+        return id_, outputs
 
     @staticmethod
     def _connect(ctx: Context, id_: str, net: dict[str, Any]) -> None:
@@ -405,7 +403,7 @@ class Container(Resource):
         actual = _name_networks_as_declared(actual, inputs)
 
         # Inputs: what was declared, as it is now; undeclared properties Docker fills in stay out.
-        new_inputs = {k: v for k, v in actual.items() if k in inputs or k not in self.computed}
+        new_inputs = self.declared(actual, inputs)
         new_inputs.update({k: v for k, v in inputs.items() if k in PROVIDER_ONLY})
         new_inputs = spec.normalize(new_inputs)
 
@@ -455,10 +453,7 @@ class Container(Resource):
             ) from exc
         except docker.errors.APIError as exc:
             raise _blame(exc, news) from exc
-        found = self.read(ctx, id_, olds, news)
-        if found is None:
-            raise ProviderError(f"container {news.get('name')!r} disappeared during the update")
-        return found[0]
+        return self.read_back(ctx, id_, news, after="update")
 
     # --- delete ----------------------------------------------------------------------------
 

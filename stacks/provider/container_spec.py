@@ -17,6 +17,10 @@ from stacks.provider.resource import labels_to_dict, labels_to_wire
 from stacks.provider.wire import UNKNOWN, Props
 
 MB = 1024 * 1024
+# pulumi-docker has no pids limit property; this label on a container sets one (HostConfig
+# PidsLimit). A label is an upstream property, so the program still runs on the upstream
+# provider, which only records the label.
+PIDS_LIMIT_LABEL = "io.sandbox-engine.pids-limit"
 # Booleans and numbers whose default means "unset": dropped by normalize.
 _DEFAULTS: dict[str, Any] = {
     "start": True,
@@ -166,6 +170,46 @@ _HEALTH_DURATIONS = {
 }
 
 
+# Wire name -> Engine API name, for properties copied as they are; one table serves both
+# directions (to_engine_config and from_inspect).
+CONFIG_FIELDS = {
+    "hostname": "Hostname",
+    "domainname": "Domainname",
+    "user": "User",
+    "workingDir": "WorkingDir",
+    "tty": "Tty",
+    "stdinOpen": "OpenStdin",
+    "stopSignal": "StopSignal",
+    "stopTimeout": "StopTimeout",
+}
+HOST_FIELDS = {
+    "cpuShares": "CpuShares",
+    "cpuSet": "CpusetCpus",
+    "cpuPeriod": "CpuPeriod",
+    "cpuQuota": "CpuQuota",
+    "securityOpts": "SecurityOpt",
+    "readOnly": "ReadonlyRootfs",
+    "privileged": "Privileged",
+    "init": "Init",
+    "tmpfs": "Tmpfs",
+    "sysctls": "Sysctls",
+    "dns": "Dns",
+    "dnsOpts": "DnsOptions",
+    "dnsSearches": "DnsSearch",
+    "groupAdds": "GroupAdd",
+    "ipcMode": "IpcMode",
+    "pidMode": "PidMode",
+    "runtime": "Runtime",
+    "storageOpts": "StorageOpt",
+    "usernsMode": "UsernsMode",
+    "cgroupnsMode": "CgroupnsMode",
+    "publishAllPorts": "PublishAllPorts",
+    "rm": "AutoRemove",
+}
+# Sizes in MB on the wire, bytes in the API.
+HOST_SIZES_MB = {"memory": "Memory", "memoryReservation": "MemoryReservation", "shmSize": "ShmSize"}
+
+
 def port_key(port: dict[str, Any]) -> str:
     return f"{port['internal']}/{port.get('protocol', 'tcp')}"
 
@@ -203,25 +247,16 @@ def to_engine_config(inputs: Props) -> tuple[dict[str, Any], list[dict[str, Any]
     host: dict[str, Any] = {"NetworkMode": network_mode(inputs)}
     config: dict[str, Any] = {"Image": inputs["image"], "HostConfig": host}
 
-    simple = {
-        "command": "Cmd",
-        "entrypoints": "Entrypoint",
-        "envs": "Env",
-        "hostname": "Hostname",
-        "domainname": "Domainname",
-        "user": "User",
-        "workingDir": "WorkingDir",
-        "tty": "Tty",
-        "stdinOpen": "OpenStdin",
-        "stopSignal": "StopSignal",
-        "stopTimeout": "StopTimeout",
-    }
+    simple = {"command": "Cmd", "entrypoints": "Entrypoint", "envs": "Env", **CONFIG_FIELDS}
     for wire, api in simple.items():
         if wire in inputs:
             config[api] = inputs[wire]
     if inputs.get("stdinOpen"):
         config["AttachStdin"] = False
     config["Labels"] = labels_to_dict(inputs.get("labels"))
+    pids = config["Labels"].get(PIDS_LIMIT_LABEL, "")
+    if pids.isdigit():
+        host["PidsLimit"] = int(pids)
 
     if "healthcheck" in inputs:
         hc = inputs["healthcheck"]
@@ -233,43 +268,15 @@ def to_engine_config(inputs: Props) -> tuple[dict[str, Any], list[dict[str, Any]
             health["Retries"] = hc["retries"]
         config["Healthcheck"] = health
 
-    for wire, api, scale in (
-        ("memory", "Memory", MB),
-        ("memoryReservation", "MemoryReservation", MB),
-        ("shmSize", "ShmSize", MB),
-    ):
+    for wire, api in HOST_SIZES_MB.items():
         if wire in inputs:
-            host[api] = inputs[wire] * scale
+            host[api] = inputs[wire] * MB
     if "memorySwap" in inputs:
         swap = inputs["memorySwap"]
         host["MemorySwap"] = swap if swap < 0 else swap * MB
     if "cpus" in inputs:
         host["NanoCpus"] = int(float(inputs["cpus"]) * 1e9)
-    host_simple = {
-        "cpuShares": "CpuShares",
-        "cpuSet": "CpusetCpus",
-        "cpuPeriod": "CpuPeriod",
-        "cpuQuota": "CpuQuota",
-        "securityOpts": "SecurityOpt",
-        "readOnly": "ReadonlyRootfs",
-        "privileged": "Privileged",
-        "init": "Init",
-        "tmpfs": "Tmpfs",
-        "sysctls": "Sysctls",
-        "dns": "Dns",
-        "dnsOpts": "DnsOptions",
-        "dnsSearches": "DnsSearch",
-        "groupAdds": "GroupAdd",
-        "ipcMode": "IpcMode",
-        "pidMode": "PidMode",
-        "runtime": "Runtime",
-        "storageOpts": "StorageOpt",
-        "usernsMode": "UsernsMode",
-        "cgroupnsMode": "CgroupnsMode",
-        "publishAllPorts": "PublishAllPorts",
-        "rm": "AutoRemove",
-    }
-    for wire, api in host_simple.items():
+    for wire, api in HOST_FIELDS.items():
         if wire in inputs:
             host[api] = inputs[wire]
     if "capabilities" in inputs:
@@ -418,16 +425,7 @@ def from_inspect(
         out["labels"] = labels_to_wire(labels)
     out["command"] = cfg.get("Cmd") or []
     out["entrypoints"] = cfg.get("Entrypoint") or []
-    for wire, api in (
-        ("hostname", "Hostname"),
-        ("domainname", "Domainname"),
-        ("user", "User"),
-        ("workingDir", "WorkingDir"),
-        ("tty", "Tty"),
-        ("stdinOpen", "OpenStdin"),
-        ("stopSignal", "StopSignal"),
-        ("stopTimeout", "StopTimeout"),
-    ):
+    for wire, api in CONFIG_FIELDS.items():
         if cfg.get(api):
             out[wire] = cfg[api]
     health = cfg.get("Healthcheck")
@@ -440,11 +438,7 @@ def from_inspect(
             hc["retries"] = health["Retries"]
         out["healthcheck"] = hc
 
-    for wire, api in (
-        ("memory", "Memory"),
-        ("memoryReservation", "MemoryReservation"),
-        ("shmSize", "ShmSize"),
-    ):
+    for wire, api in HOST_SIZES_MB.items():
         if host.get(api):
             out[wire] = host[api] // MB
     if host.get("MemorySwap"):
@@ -452,30 +446,7 @@ def from_inspect(
         out["memorySwap"] = swap if swap < 0 else swap // MB
     if host.get("NanoCpus"):
         out["cpus"] = f"{host['NanoCpus'] / 1e9:g}"
-    for wire, api in (
-        ("cpuShares", "CpuShares"),
-        ("cpuSet", "CpusetCpus"),
-        ("cpuPeriod", "CpuPeriod"),
-        ("cpuQuota", "CpuQuota"),
-        ("securityOpts", "SecurityOpt"),
-        ("readOnly", "ReadonlyRootfs"),
-        ("privileged", "Privileged"),
-        ("init", "Init"),
-        ("tmpfs", "Tmpfs"),
-        ("sysctls", "Sysctls"),
-        ("dns", "Dns"),
-        ("dnsOpts", "DnsOptions"),
-        ("dnsSearches", "DnsSearch"),
-        ("groupAdds", "GroupAdd"),
-        ("ipcMode", "IpcMode"),
-        ("pidMode", "PidMode"),
-        ("runtime", "Runtime"),
-        ("storageOpts", "StorageOpt"),
-        ("usernsMode", "UsernsMode"),
-        ("cgroupnsMode", "CgroupnsMode"),
-        ("publishAllPorts", "PublishAllPorts"),
-        ("rm", "AutoRemove"),
-    ):
+    for wire, api in HOST_FIELDS.items():
         if host.get(api):
             out[wire] = host[api]
     caps = {k: v for k, v in (("adds", host.get("CapAdd")), ("drops", host.get("CapDrop"))) if v}

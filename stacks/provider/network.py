@@ -70,10 +70,7 @@ class Network(Resource):
         except docker.errors.APIError as exc:
             raise PropertyError(_blame(exc), exc.explanation or str(exc)) from exc
         id_ = created["Id"]
-        found = self.read(ctx, id_, {}, inputs)
-        if found is None:  # removed between create and inspect: report, leave nothing
-            raise PropertyError("name", f"network {name!r} vanished right after creation")
-        return id_, found[0]
+        return id_, self.read_back(ctx, id_, inputs, after="create")
 
     def read(
         self, ctx: Context, id_: str, state: Props, inputs: Props
@@ -116,7 +113,7 @@ class Network(Resource):
         if ipam.get("Options"):
             actual["ipamOptions"] = ipam["Options"]
         # Inputs keep what the program declared; Docker's fill-ins show in the outputs.
-        new_inputs = {k: v for k, v in actual.items() if k in inputs or k not in self.computed}
+        new_inputs = self.declared(actual, inputs)
         return {
             **actual,
             **{k: v for k, v in inputs.items() if k not in actual},

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import docker
 
 from stacks.provider.diffing import Diff, diff_inputs
-from stacks.provider.errors import CheckFailures
+from stacks.provider.errors import CheckFailures, ProviderError
 from stacks.provider.schema import T, validate_object
 from stacks.provider.wire import UNKNOWN, Props
 
@@ -75,6 +75,17 @@ class Resource(ABC):
         self, ctx: Context, id_: str, state: Props, inputs: Props
     ) -> tuple[Props, Props] | None:
         """Current (outputs, inputs) of the object, or None when it no longer exists."""
+
+    def read_back(self, ctx: Context, id_: str, inputs: Props, *, after: str) -> Props:
+        """Outputs of an object just created or updated; an error if it is already gone."""
+        found = self.read(ctx, id_, {}, inputs)
+        if found is None:
+            raise ProviderError(f"{inputs.get('name')!r} disappeared right after the {after}")
+        return found[0]
+
+    def declared(self, actual: Props, inputs: Props) -> Props:
+        """Inputs as they are now: what was declared, plus what Docker does not fill in."""
+        return {k: v for k, v in actual.items() if k in inputs or k not in self.computed}
 
     def update(self, ctx: Context, id_: str, olds: Props, news: Props) -> Props:
         raise NotImplementedError(f"{self.token} has no in-place updates")

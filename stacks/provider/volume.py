@@ -39,10 +39,7 @@ class Volume(Resource):
         except docker.errors.APIError as exc:
             prop = "driverOpts" if "opt" in (exc.explanation or "") else "driver"
             raise PropertyError(prop, exc.explanation or str(exc)) from exc
-        found = self.read(ctx, name, {}, inputs)
-        if found is None:
-            raise PropertyError("name", f"volume {name!r} vanished right after creation")
-        return name, found[0]
+        return name, self.read_back(ctx, name, inputs, after="create")
 
     def read(
         self, ctx: Context, id_: str, state: Props, inputs: Props
@@ -56,7 +53,7 @@ class Volume(Resource):
             actual["labels"] = labels_to_wire(attrs["Labels"])
         if attrs.get("Options"):
             actual["driverOpts"] = attrs["Options"]
-        new_inputs = {k: v for k, v in actual.items() if k in inputs or k not in self.computed}
+        new_inputs = self.declared(actual, inputs)
         return {**actual, "mountpoint": attrs.get("Mountpoint", "")}, new_inputs
 
     def delete(self, ctx: Context, id_: str, state: Props) -> None:

@@ -1,0 +1,229 @@
+"""Template + request + settings → SandboxSpec: plain data, no I/O.
+
+The Pulumi program (``stacks/``) maps a spec to resources and nothing else; everything a
+sandbox is made of is decided here, where it is tested as a table of fixtures.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.templates import Template
+
+SANDBOX_ID = re.compile(r"^[a-z0-9]{6,20}$")
+DOMAIN = re.compile(
+    r"^(?=.{1,200}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
+)
+CLAUDE_AUTH_VOLUME = "claude-auth"
+MANAGED_BY = "sandbox-engine"
+
+# Label keys on every Docker object of a sandbox.
+L_MANAGED = "io.sandbox-engine.managed-by"
+L_SANDBOX = "io.sandbox-engine.sandbox"
+L_TEMPLATE = "io.sandbox-engine.template"
+L_OWNER = "io.sandbox-engine.owner"
+L_ROLE = "io.sandbox-engine.role"
+# Honoured by the engine's docker provider: the container's process limit (docs/provider.md).
+L_PIDS_LIMIT = "io.sandbox-engine.pids-limit"
+
+# Service containers: image, port, limits, and the workspace env that reaches them.
+SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "postgres": {
+        "image": "service-postgres:latest",
+        "port": 5432,
+        "cpus": 1.0,
+        "memory_mb": 512,
+        "pids": 256,
+        "data": "/var/lib/postgresql/data",
+    },
+    "redis": {
+        "image": "service-redis:latest",
+        "port": 6379,
+        "cpus": 0.5,
+        "memory_mb": 256,
+        "pids": 128,
+        "data": "/data",
+    },
+}
+SERVICE_DB = "sandbox"  # database name and user of the postgres service
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    sandbox_id: str
+    owner: str = "cli"
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    domain: str = "localhost"  # public ports are <id>-<port>.<domain>
+    entrypoint: str = "web"  # Traefik entrypoint for public ports
+    tls_resolver: str = ""  # Traefik certificate resolver; empty: plain HTTP
+
+
+@dataclass(frozen=True)
+class Mount:
+    volume: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    key: str  # resource name in the stack: workspace | postgres | redis
+    name: str  # Docker container name
+    image: str
+    hostname: str
+    cpus: float
+    memory_mb: int
+    pids_limit: int
+    labels: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    aliases: tuple[str, ...] = ()
+    user: str = ""
+    workdir: str = ""
+    wait_healthy: bool = False
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    port: int
+    public: bool
+    url: str  # public URL through Traefik, or "" when not public
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    sandbox_id: str
+    stack: str
+    template: str
+    owner: str
+    network: str
+    volumes: tuple[str, ...]  # volumes the stack owns (destroyed with it)
+    shared_volumes: tuple[str, ...]  # volumes the stack only mounts (claude-auth)
+    containers: tuple[ContainerSpec, ...]
+    endpoints: tuple[Endpoint, ...]
+    labels: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stack_name(sandbox_id: str) -> str:
+    return f"sbx-{sandbox_id}"
+
+
+def build_spec(template: Template, request: SandboxRequest, settings: SpecSettings) -> SandboxSpec:
+    """The whole sandbox, decided. Raises ValueError for an id or domain that could reach a
+    Traefik rule or a Docker name unchecked."""
+    sid = request.sandbox_id
+    if not SANDBOX_ID.match(sid):
+        raise ValueError(f"sandbox id {sid!r} must be 6-20 lowercase letters and digits")
+    if not DOMAIN.match(settings.domain):
+        raise ValueError(f"domain {settings.domain!r} is not a valid DNS name")
+    prefix = stack_name(sid)
+    common = {
+        L_MANAGED: MANAGED_BY,
+        L_SANDBOX: sid,
+        L_TEMPLATE: template.name,
+        L_OWNER: request.owner,
+    }
+
+    def labels(role: str, pids: int) -> dict[str, str]:
+        return {**common, L_ROLE: role, L_PIDS_LIMIT: str(pids)}
+
+    services = []
+    env = dict(template.env)
+    for name in template.services:
+        d = SERVICE_DEFAULTS[name]
+        data_volume = f"{prefix}-{name}-data"
+        service_env = (
+            {"POSTGRES_USER": SERVICE_DB, "POSTGRES_DB": SERVICE_DB} if name == "postgres" else {}
+        )
+        services.append(
+            ContainerSpec(
+                key=name,
+                name=f"{prefix}-{name}",
+                image=d["image"],
+                hostname=name,
+                cpus=d["cpus"],
+                memory_mb=d["memory_mb"],
+                pids_limit=d["pids"],
+                labels=labels(name, d["pids"]),
+                env=service_env,
+                mounts=(Mount(data_volume, d["data"]),),
+                aliases=(name,),
+                wait_healthy=True,
+            )
+        )
+        if name == "postgres":
+            # The password is a stack secret; the program adds DATABASE_URL and PGPASSWORD.
+            env.update(
+                {
+                    "PGHOST": "postgres",
+                    "PGPORT": "5432",
+                    "PGUSER": SERVICE_DB,
+                    "PGDATABASE": SERVICE_DB,
+                }
+            )
+        else:
+            env["REDIS_URL"] = "redis://redis:6379/0"
+
+    ws = template.workspace
+    mounts = [Mount(f"{prefix}-home", "/home/coder")]
+    if template.claude_auth:
+        mounts.append(Mount(CLAUDE_AUTH_VOLUME, "/home/coder/.claude"))
+    ws_labels = labels("workspace", template.pids_limit)
+    endpoints = []
+    for e in template.expose:
+        url = ""
+        if e.public:
+            host = f"{sid}-{e.container}.{settings.domain}"
+            scheme = "https" if settings.tls_resolver else "http"
+            url = f"{scheme}://{host}"
+            ws_labels.update(traefik_labels(prefix, e.container, host, settings))
+        endpoints.append(Endpoint(e.container, e.public, url))
+    if any(e.public for e in template.expose):
+        ws_labels["traefik.enable"] = "true"
+    workspace = ContainerSpec(
+        key="workspace",
+        name=f"{prefix}-workspace",
+        image=template.base_image,
+        hostname="workspace",
+        cpus=template.cpu_limit,
+        memory_mb=template.memory_limit // 2**20,
+        pids_limit=template.pids_limit,
+        labels=ws_labels,
+        env={**env, "SANDBOX_ID": sid, "SHELL": ws.shell},
+        mounts=tuple(mounts),
+        aliases=("workspace",),
+        user=ws.user,
+        workdir=ws.workdir,
+    )
+    return SandboxSpec(
+        sandbox_id=sid,
+        stack=prefix,
+        template=template.name,
+        owner=request.owner,
+        network=f"{prefix}-net",
+        volumes=(f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services)),
+        shared_volumes=(CLAUDE_AUTH_VOLUME,) if template.claude_auth else (),
+        containers=(workspace, *services),
+        endpoints=tuple(endpoints),
+        labels=common,
+    )
+
+
+def traefik_labels(prefix: str, port: int, host: str, settings: SpecSettings) -> dict[str, str]:
+    router = f"{prefix}-{port}"
+    out = {
+        f"traefik.http.routers.{router}.rule": f"Host(`{host}`)",
+        f"traefik.http.routers.{router}.entrypoints": settings.entrypoint,
+        f"traefik.http.routers.{router}.service": router,
+        f"traefik.http.services.{router}.loadbalancer.server.port": str(port),
+    }
+    if settings.tls_resolver:
+        out[f"traefik.http.routers.{router}.tls.certresolver"] = settings.tls_resolver
+    return out

@@ -1,0 +1,320 @@
+"""Sandbox templates: YAML files in ``templates/``, loaded strictly.
+
+Unknown keys are errors, units are checked, and every problem names the file, the field path
+and the line. YAML is parsed with the safe loader; anchors and aliases are refused (no
+"billion laughs"), and a file over 64 KiB is refused before parsing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import NotFoundError, TemplateError
+from engine.units import parse_cpus, parse_duration, parse_memory
+
+MAX_FILE_BYTES = 64 * 1024
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SERVICES = ("postgres", "redis")
+
+
+@dataclass(frozen=True)
+class Expose:
+    container: int  # the workspace port
+    public: bool = False  # routed by Traefik at <sandbox>-<port>.<domain>
+
+
+@dataclass(frozen=True)
+class Workspace:
+    user: str = "coder"
+    workdir: str = "/home/coder/workspace"
+    shell: str = "/bin/bash"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    base_image: str
+    ttl: timedelta
+    max_ttl: timedelta
+    cpu_limit: float  # cores
+    memory_limit: int  # bytes
+    pids_limit: int
+    services: tuple[str, ...] = ()
+    expose: tuple[Expose, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    workspace: Workspace = Workspace()
+    claude_auth: bool = True
+    description: str = ""
+    source: str = ""  # the file it came from
+
+
+DEFAULT_PIDS_LIMIT = 1024
+
+
+class _Lines:
+    """The line (1-based) of every field path in a YAML document, from its node tree."""
+
+    def __init__(self, root: yaml.Node) -> None:
+        self.lines: dict[str, int] = {}
+        self._walk(root, "")
+
+    def _walk(self, node: yaml.Node, path: str) -> None:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                self._walk(value_node, f"{path}.{key}" if path else key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, f"{path}[{i}]")
+
+    def line(self, path: str) -> int | None:
+        """The line of the path, or of its nearest parent present in the file."""
+        while path not in self.lines:
+            if not path:
+                return None
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return self.lines[path]
+
+
+def _parse(text: str, file: str) -> tuple[Any, _Lines]:
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1 if event.start_mark else None
+                raise TemplateError(file, [("", line, "YAML anchors and aliases are not allowed")])
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise TemplateError(
+            file, [("", line, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
+        ) from None
+    if node is None:
+        raise TemplateError(file, [("", 1, "the file is empty")])
+    return data, _Lines(node)
+
+
+def load(path: Path) -> Template:
+    """Load and validate one template file; raise TemplateError listing every problem."""
+    file = str(path)
+    data = path.read_bytes()
+    if len(data) > MAX_FILE_BYTES:
+        raise TemplateError(
+            file, [("", None, f"file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")]
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TemplateError(file, [("", None, "file is not UTF-8 text")]) from None
+    raw, lines = _parse(text, file)
+    return validate(raw, lines, file)
+
+
+def validate(raw: Any, lines: _Lines, file: str) -> Template:
+    problems: list[tuple[str, int | None, str]] = []
+
+    def fail(path: str, message: str) -> None:
+        problems.append((path, lines.line(path), message))
+
+    if not isinstance(raw, dict):
+        raise TemplateError(file, [("", 1, "a template is a mapping of fields")])
+    known = {
+        "name",
+        "description",
+        "base_image",
+        "services",
+        "resources",
+        "ttl",
+        "max_ttl",
+        "expose",
+        "env",
+        "workspace",
+        "claude_auth",
+    }
+    for key in raw:
+        if key not in known:
+            fail(key, f"unknown field (known: {', '.join(sorted(known))})")
+
+    def text(path: str, value: Any, *, required: bool = False) -> str:
+        if value is None:
+            if required:
+                fail(path, "is required")
+            return ""
+        if not isinstance(value, str) or not value.strip():
+            fail(path, "must be a non-empty string")
+            return ""
+        return value
+
+    name = text("name", raw.get("name"), required=True)
+    if name and not NAME.match(name):
+        fail("name", "must be 2-40 lowercase letters, digits and dashes, starting with a letter")
+    stem = Path(file).stem
+    if name and NAME.match(name) and stem != name:
+        fail("name", f"must match the file name ({stem!r})")
+    base_image = text("base_image", raw.get("base_image"), required=True)
+
+    def duration(path: str, value: Any) -> timedelta | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            fail(path, str(exc))
+            return None
+
+    ttl = duration("ttl", raw.get("ttl"))
+    if raw.get("ttl") is None:
+        fail("ttl", "is required")
+    max_ttl = duration("max_ttl", raw.get("max_ttl")) or ttl
+    if ttl and max_ttl and ttl > max_ttl:
+        fail("ttl", f"is longer than max_ttl ({raw.get('max_ttl')})")
+
+    services: list[str] = []
+    raw_services = raw.get("services") or []
+    if not isinstance(raw_services, list):
+        fail("services", "must be a list of service names")
+        raw_services = []
+    for i, svc in enumerate(raw_services):
+        if svc not in SERVICES:
+            fail(f"services[{i}]", f"unknown service {svc!r} (known: {', '.join(SERVICES)})")
+        elif svc in services:
+            fail(f"services[{i}]", f"{svc!r} is listed twice")
+        else:
+            services.append(svc)
+
+    cpu_limit, memory_limit, pids_limit = 1.0, 2 * 2**30, DEFAULT_PIDS_LIMIT
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict):
+        fail("resources", "must be a mapping")
+        resources = {}
+    for key in resources:
+        if key not in ("cpu_limit", "memory_limit", "pids_limit"):
+            fail(f"resources.{key}", "unknown field (known: cpu_limit, memory_limit, pids_limit)")
+    if "cpu_limit" in resources:
+        try:
+            cpu_limit = parse_cpus(str(resources["cpu_limit"]))
+        except ValueError as exc:
+            fail("resources.cpu_limit", str(exc))
+    if "memory_limit" in resources:
+        try:
+            memory_limit = parse_memory(str(resources["memory_limit"]))
+            if memory_limit < 64 * 2**20:
+                fail("resources.memory_limit", "must be at least 64Mi")
+        except ValueError as exc:
+            fail("resources.memory_limit", str(exc))
+    if "pids_limit" in resources:
+        pids = resources["pids_limit"]
+        if not isinstance(pids, int) or isinstance(pids, bool) or not 16 <= pids <= 65536:
+            fail("resources.pids_limit", "must be a whole number of processes from 16 to 65536")
+        else:
+            pids_limit = pids
+
+    exposes: list[Expose] = []
+    raw_expose = raw.get("expose") or []
+    if not isinstance(raw_expose, list):
+        fail("expose", "must be a list")
+        raw_expose = []
+    for i, item in enumerate(raw_expose):
+        path = f"expose[{i}]"
+        if not isinstance(item, dict):
+            fail(path, "must be a mapping with container and public")
+            continue
+        for key in item:
+            if key not in ("container", "public"):
+                fail(f"{path}.{key}", "unknown field (known: container, public)")
+        port, public = item.get("container"), item.get("public", False)
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            fail(f"{path}.container", "must be a port number from 1 to 65535")
+            continue
+        if not isinstance(public, bool):
+            fail(f"{path}.public", "must be true or false")
+            continue
+        if any(e.container == port for e in exposes):
+            fail(f"{path}.container", f"port {port} is exposed twice")
+            continue
+        exposes.append(Expose(port, public))
+
+    env: dict[str, str] = {}
+    raw_env = raw.get("env") or {}
+    if not isinstance(raw_env, dict):
+        fail("env", "must be a mapping of NAME: value")
+        raw_env = {}
+    for key, value in raw_env.items():
+        if not ENV_KEY.match(str(key)):
+            fail(f"env.{key}", "is not a valid variable name")
+        elif not isinstance(value, str | int | float | bool):
+            fail(f"env.{key}", "must be a string")
+        else:
+            env[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+
+    workspace = Workspace()
+    raw_ws = raw.get("workspace") or {}
+    if not isinstance(raw_ws, dict):
+        fail("workspace", "must be a mapping")
+        raw_ws = {}
+    for key in raw_ws:
+        if key not in ("user", "workdir", "shell"):
+            fail(f"workspace.{key}", "unknown field (known: user, workdir, shell)")
+    ws_values = {
+        k: text(f"workspace.{k}", raw_ws.get(k))
+        for k in ("user", "workdir", "shell")
+        if k in raw_ws
+    }
+    for key in ("workdir", "shell"):
+        if ws_values.get(key) and not ws_values[key].startswith("/"):
+            fail(f"workspace.{key}", "must be an absolute path")
+    if ws_values:
+        workspace = Workspace(**{k: v for k, v in ws_values.items() if v})
+
+    claude_auth = raw.get("claude_auth", True)
+    if not isinstance(claude_auth, bool):
+        fail("claude_auth", "must be true or false")
+        claude_auth = True
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        fail("description", "must be a string")
+        description = ""
+
+    if problems:
+        raise TemplateError(file, problems)
+    assert ttl is not None and max_ttl is not None
+    return Template(
+        name=name,
+        base_image=base_image,
+        ttl=ttl,
+        max_ttl=max_ttl,
+        cpu_limit=cpu_limit,
+        memory_limit=memory_limit,
+        pids_limit=pids_limit,
+        services=tuple(services),
+        expose=tuple(exposes),
+        env=env,
+        workspace=workspace,
+        claude_auth=claude_auth,
+        description=description.strip(),
+        source=file,
+    )
+
+
+def load_all(folder: Path) -> dict[str, Template]:
+    """Every ``*.yaml`` template in the folder, by name; the first invalid one raises."""
+    return {t.name: t for t in (load(p) for p in sorted(folder.glob("*.yaml")))}
+
+
+def find(folder: Path, name: str) -> Template:
+    if not NAME.match(name):
+        raise NotFoundError(f"no template named {name!r}")
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise NotFoundError(f"no template named {name!r} in {folder}")
+    return load(path)

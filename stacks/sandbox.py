@@ -1,0 +1,84 @@
+"""Spec → resources: every Docker object of one sandbox, declared with ``pulumi_docker``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_docker as docker
+
+from engine.spec import SERVICE_DB, ContainerSpec, SandboxSpec
+
+
+def _labels(labels: dict[str, str], cls: Any) -> list[Any]:
+    return [cls(label=k, value=v) for k, v in sorted(labels.items())]
+
+
+def declare(spec: SandboxSpec, service_password: pulumi.Output[str] | None) -> dict[str, Any]:
+    """Declare the sandbox's network, volumes and containers; return the stack outputs."""
+    network = docker.Network(
+        "network",
+        name=spec.network,
+        driver="bridge",
+        labels=_labels(spec.labels, docker.NetworkLabelArgs),
+    )
+    volumes = {
+        name: docker.Volume(
+            name.removeprefix(f"{spec.stack}-"),
+            name=name,
+            labels=_labels(spec.labels, docker.VolumeLabelArgs),
+        )
+        for name in spec.volumes
+    }
+
+    def container(c: ContainerSpec, depends_on: list[pulumi.Resource]) -> docker.Container:
+        env: dict[str, Any] = dict(c.env)
+        if service_password is not None and c.key == "postgres":
+            env["POSTGRES_PASSWORD"] = service_password
+        if service_password is not None and c.key == "workspace" and "PGHOST" in env:
+            env["PGPASSWORD"] = service_password
+            env["DATABASE_URL"] = pulumi.Output.concat(
+                f"postgresql://{SERVICE_DB}:", service_password, f"@postgres:5432/{SERVICE_DB}"
+            )
+        envs = pulumi.Output.all(*[pulumi.Output.concat(k, "=", v) for k, v in sorted(env.items())])
+        return docker.Container(
+            c.key,
+            name=c.name,
+            image=c.image,
+            hostname=c.hostname,
+            envs=envs,
+            labels=_labels(c.labels, docker.ContainerLabelArgs),
+            cpus=f"{c.cpus:g}",
+            memory=c.memory_mb,
+            networks_advanced=[
+                docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(c.aliases))
+            ],
+            volumes=[
+                docker.ContainerVolumeArgs(
+                    volume_name=volumes[m.volume].name if m.volume in volumes else m.volume,
+                    container_path=m.target,
+                )
+                for m in c.mounts
+            ],
+            # Unprivileged: the images run as their own users; no capability is needed.
+            capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"]),
+            security_opts=["no-new-privileges"],
+            restart="unless-stopped",
+            user=c.user or None,
+            working_dir=c.workdir or None,
+            wait=c.wait_healthy,
+            wait_timeout=120,
+            opts=pulumi.ResourceOptions(depends_on=depends_on),
+        )
+
+    services = [container(c, []) for c in spec.containers if c.key != "workspace"]
+    workspace = next(c for c in spec.containers if c.key == "workspace")
+    ws = container(workspace, list(services))
+    return {
+        "sandboxId": spec.sandbox_id,
+        "template": spec.template,
+        "network": network.name,
+        "workspace": ws.name,
+        "containers": {c.key: c.name for c in spec.containers},
+        "endpoints": [{"port": e.port, "public": e.public, "url": e.url} for e in spec.endpoints],
+    }
