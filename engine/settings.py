@@ -53,6 +53,17 @@ class Settings(BaseSettings):
             raise ValueError(f"database_url must be a postgresql:// URL, got scheme {scheme!r}")
         return value
 
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        from engine.spec import DOMAIN
+
+        if not DOMAIN.match(value):
+            raise ValueError(
+                f"domain {value!r} is not a lowercase DNS name like sandbox.example.com"
+            )
+        return value
+
     @field_validator("pulumi_state_table")
     @classmethod
     def _table_name(cls, value: str) -> str:

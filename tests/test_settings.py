@@ -41,6 +41,7 @@ def test_backend_defaults_to_the_engine_database() -> None:
         ("database_url", "mysql://u@h/db"),
         ("pulumi_state_table", "x; drop table y"),
         ("listen_port", 0),
+        ("domain", "Evil.com`)"),
     ],
 )
 def test_unsafe_settings_fail_fast_naming_the_field(field: str, value: object) -> None:

@@ -1,0 +1,178 @@
+"""template + request + settings → SandboxSpec, as a table of fixtures (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.spec import (
+    ContainerSpec,
+    Endpoint,
+    Mount,
+    SandboxRequest,
+    SandboxSpec,
+    SpecSettings,
+    build_spec,
+)
+from engine.templates import load
+from tests.conftest import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures" / "templates"
+COMMON = {
+    "io.sandbox-engine.managed-by": "sandbox-engine",
+    "io.sandbox-engine.sandbox": "abc123",
+    "io.sandbox-engine.owner": "alice",
+}
+
+
+def labels(template: str, role: str, pids: int, **extra: str) -> dict[str, str]:
+    return {
+        **COMMON,
+        "io.sandbox-engine.template": template,
+        "io.sandbox-engine.role": role,
+        "io.sandbox-engine.pids-limit": str(pids),
+        **extra,
+    }
+
+
+EXPECTED = {
+    "minimal": SandboxSpec(
+        sandbox_id="abc123",
+        stack="sbx-abc123",
+        template="minimal",
+        owner="alice",
+        network="sbx-abc123-net",
+        volumes=("sbx-abc123-home",),
+        shared_volumes=("claude-auth",),
+        containers=(
+            ContainerSpec(
+                key="workspace",
+                name="sbx-abc123-workspace",
+                image="workspace-base:latest",
+                hostname="workspace",
+                cpus=1.0,
+                memory_mb=2048,
+                pids_limit=1024,
+                labels=labels("minimal", "workspace", 1024),
+                env={"SANDBOX_ID": "abc123", "SHELL": "/bin/bash"},
+                mounts=(
+                    Mount("sbx-abc123-home", "/home/coder"),
+                    Mount("claude-auth", "/home/coder/.claude"),
+                ),
+                aliases=("workspace",),
+                user="coder",
+                workdir="/home/coder/workspace",
+            ),
+        ),
+        endpoints=(),
+        labels={**COMMON, "io.sandbox-engine.template": "minimal"},
+    ),
+    "full": SandboxSpec(
+        sandbox_id="abc123",
+        stack="sbx-abc123",
+        template="full",
+        owner="alice",
+        network="sbx-abc123-net",
+        volumes=("sbx-abc123-home", "sbx-abc123-postgres-data", "sbx-abc123-redis-data"),
+        shared_volumes=(),
+        containers=(
+            ContainerSpec(
+                key="workspace",
+                name="sbx-abc123-workspace",
+                image="workspace-python:latest",
+                hostname="workspace",
+                cpus=1.5,
+                memory_mb=3072,
+                pids_limit=300,
+                labels=labels(
+                    "full",
+                    "workspace",
+                    300,
+                    **{
+                        "traefik.enable": "true",
+                        "traefik.http.routers.sbx-abc123-8000.rule": (
+                            "Host(`abc123-8000.sandbox.example.com`)"
+                        ),
+                        "traefik.http.routers.sbx-abc123-8000.entrypoints": "websecure",
+                        "traefik.http.routers.sbx-abc123-8000.service": "sbx-abc123-8000",
+                        "traefik.http.routers.sbx-abc123-8000.tls.certresolver": "le",
+                        "traefik.http.services.sbx-abc123-8000.loadbalancer.server.port": "8000",
+                    },
+                ),
+                env={
+                    "APP_ENV": "test",
+                    "PGHOST": "postgres",
+                    "PGPORT": "5432",
+                    "PGUSER": "sandbox",
+                    "PGDATABASE": "sandbox",
+                    "REDIS_URL": "redis://redis:6379/0",
+                    "SANDBOX_ID": "abc123",
+                    "SHELL": "/bin/bash",
+                },
+                mounts=(Mount("sbx-abc123-home", "/home/coder"),),
+                aliases=("workspace",),
+                user="coder",
+                workdir="/home/coder/task",
+            ),
+            ContainerSpec(
+                key="postgres",
+                name="sbx-abc123-postgres",
+                image="service-postgres:latest",
+                hostname="postgres",
+                cpus=1.0,
+                memory_mb=512,
+                pids_limit=256,
+                labels=labels("full", "postgres", 256),
+                env={"POSTGRES_USER": "sandbox", "POSTGRES_DB": "sandbox"},
+                mounts=(Mount("sbx-abc123-postgres-data", "/var/lib/postgresql/data"),),
+                aliases=("postgres",),
+                wait_healthy=True,
+            ),
+            ContainerSpec(
+                key="redis",
+                name="sbx-abc123-redis",
+                image="service-redis:latest",
+                hostname="redis",
+                cpus=0.5,
+                memory_mb=256,
+                pids_limit=128,
+                labels=labels("full", "redis", 128),
+                mounts=(Mount("sbx-abc123-redis-data", "/data"),),
+                aliases=("redis",),
+                wait_healthy=True,
+            ),
+        ),
+        endpoints=(
+            Endpoint(8000, True, "https://abc123-8000.sandbox.example.com"),
+            Endpoint(9000, False, ""),
+        ),
+        labels={**COMMON, "io.sandbox-engine.template": "full"},
+    ),
+}
+SETTINGS = {
+    "minimal": SpecSettings(),
+    "full": SpecSettings(domain="sandbox.example.com", entrypoint="websecure", tls_resolver="le"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_template_fixture_to_spec(name: str) -> None:
+    template = load(FIXTURES / f"{name}.yaml")
+    spec = build_spec(template, SandboxRequest("abc123", owner="alice"), SETTINGS[name])
+    assert spec == EXPECTED[name]
+
+
+@pytest.mark.parametrize(
+    ("sandbox_id", "domain", "words"),
+    [
+        ("ABC123", "localhost", "sandbox id"),
+        ("abc`)", "localhost", "sandbox id"),
+        ("abc123", "evil.com`) || Host(`x", "domain"),
+        ("abc123", "-bad.example", "domain"),
+    ],
+)
+def test_ids_and_domains_never_reach_a_rule_unchecked(
+    sandbox_id: str, domain: str, words: str
+) -> None:
+    template = load(FIXTURES / "minimal.yaml")
+    with pytest.raises(ValueError, match=words):
+        build_spec(template, SandboxRequest(sandbox_id), SpecSettings(domain=domain))
