@@ -107,9 +107,14 @@ def check_base_image() -> Check:
         client = docker.from_env(timeout=5)
         image = client.images.get(BASE_IMAGE)
         client.close()
-    except Exception as exc:
+    except docker.errors.ImageNotFound:
+        return Check("base image", False, f"{BASE_IMAGE} is missing", "images/base/build.sh")
+    except Exception as exc:  # no daemon: the image cannot be looked for
         return Check(
-            "base image", False, f"{BASE_IMAGE}: {type(exc).__name__}", "images/base/build.sh"
+            "base image",
+            False,
+            f"cannot check without dockerd ({type(exc).__name__})",
+            "start dockerd first",
         )
     return Check("base image", True, f"{BASE_IMAGE} {image.short_id}")
 
