@@ -50,6 +50,14 @@ def test_normalize_drops_defaults_and_canonicalizes() -> None:
     }
 
 
+def test_pids_limit_label_sets_the_process_limit() -> None:
+    config, _ = spec.to_engine_config(
+        {"image": "i", "labels": [{"label": spec.PIDS_LIMIT_LABEL, "value": "300"}]}
+    )
+    assert config["HostConfig"]["PidsLimit"] == 300
+    assert config["Labels"] == {spec.PIDS_LIMIT_LABEL: "300"}
+
+
 def test_engine_config_uses_docker_units() -> None:
     config, extra = spec.to_engine_config(
         {
@@ -125,6 +133,10 @@ def test_round_trip_through_an_inspect_shaped_document() -> None:
         ({"image": "i", "colour": "blue"}, "colour"),
         ({"image": "i", "gpus": "all"}, "gpus"),
         ({}, "image"),
+        (
+            {"image": "i", "labels": [{"label": "io.sandbox-engine.pids-limit", "value": "lots"}]},
+            "labels[0].value",
+        ),
         ({"image": "i", "healthcheck": {"interval": "often"}}, "healthcheck.interval"),
     ],
 )

@@ -276,6 +276,18 @@ class Container(Resource):
         for i, env in enumerate(news.get("envs") or []):
             if isinstance(env, str) and env != UNKNOWN and "=" not in env:
                 failures.append((f"envs[{i}]", "must have the form KEY=VALUE"))
+        for i, label in enumerate(news.get("labels") or []):
+            if isinstance(label, dict) and label.get("label") == spec.PIDS_LIMIT_LABEL:
+                value = label.get("value")
+                if value != UNKNOWN and not (
+                    isinstance(value, str) and value.isdigit() and int(value) > 0
+                ):
+                    failures.append(
+                        (
+                            f"labels[{i}].value",
+                            f"{spec.PIDS_LIMIT_LABEL} must be a positive whole number",
+                        )
+                    )
         health = news.get("healthcheck")
         if isinstance(health, dict):
             for key in ("interval", "timeout", "startPeriod", "startInterval"):
