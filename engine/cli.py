@@ -13,6 +13,8 @@ from engine.errors import EngineError
 from engine.settings import Settings
 
 if TYPE_CHECKING:
+    import psycopg
+
     from engine.stacks import StackManager
 
 
@@ -139,10 +141,68 @@ def _cmd_sandbox_destroy(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(settings: Settings) -> psycopg.Connection:
+    import psycopg
+
+    from engine.migrate import migrate
+
+    url = settings.database_url.get_secret_value()
+    migrate(url)
+    return psycopg.connect(url)
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.migrate import migrate
+
+    applied = migrate(settings.database_url.get_secret_value())
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+def _cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.store import Role, create_client
+
+    with _connect(settings) as conn:
+        client, key = create_client(conn, name=args.name, role=Role(args.role))
+    if args.json:
+        print(json.dumps({"id": client.id, "name": client.name, "role": client.role, "key": key}))
+    else:
+        print(f"key for {client.name} ({client.role}, id {client.id}); shown once:\n{key}")
+    return 0
+
+
+def _cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.store import list_clients
+
+    with _connect(settings) as conn:
+        for c in list_clients(conn):
+            state = f"revoked {c.revoked_at:%Y-%m-%d %H:%M}" if c.revoked_at else "live"
+            used = f"{c.last_used_at:%Y-%m-%d %H:%M}" if c.last_used_at else "never"
+            print(f"{c.id:4} {c.key_prefix}…  {c.role:6}  {state:22} used {used:16} {c.name}")
+    return 0
+
+
+def _cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.store import revoke_client
+
+    with _connect(settings) as conn:
+        if not revoke_client(conn, args.id):
+            print(f"sandbox-engine: no live key with id {args.id}", file=sys.stderr)
+            return 1
+    print(f"key {args.id} revoked")
+    return 0
+
+
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from engine.store import ensure_first_admin
+
+    with _connect(settings) as conn:
+        first = ensure_first_admin(conn)
+    if first:
+        print(f"First admin API key (shown once, keep it):\n{first}", flush=True)
 
     uvicorn.run(
         create_app(settings),
@@ -204,6 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     destroy = sandbox_sub.add_parser("destroy", help="destroy a sandbox and remove its stack")
     destroy.add_argument("id")
     destroy.set_defaults(func=_cmd_sandbox_destroy)
+
+    sub.add_parser("migrate", help="apply pending database migrations").set_defaults(
+        func=_cmd_migrate
+    )
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kcreate = keys_sub.add_parser("create", help="create a key; it is printed once")
+    kcreate.add_argument("--name", required=True)
+    kcreate.add_argument("--role", choices=["admin", "member"], default="member")
+    kcreate.add_argument("--json", action="store_true", help='print {"key": ...} as JSON')
+    kcreate.set_defaults(func=_cmd_keys_create)
+    keys_sub.add_parser("list", help="every key (never the key itself)").set_defaults(
+        func=_cmd_keys_list
+    )
+    krevoke = keys_sub.add_parser("revoke", help="revoke a key at once")
+    krevoke.add_argument("id", type=int)
+    krevoke.set_defaults(func=_cmd_keys_revoke)
 
     serve = sub.add_parser("serve", help="run the API service in the foreground")
     serve.add_argument("--host", help="listen address (default: SANDBOX_LISTEN_HOST)")

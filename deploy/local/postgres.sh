@@ -67,8 +67,12 @@ fi
 
 psql_pg() { as_pg "$bindir/psql" -h "$data" -p "$port" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
 if [[ $(psql_pg -c "select 1 from pg_roles where rolname = 'sandbox'") != 1 ]]; then
-	psql_pg -c "create role sandbox login password 'sandbox'"
+	# CREATEDB lets the tests make throwaway databases beside the real one.
+	psql_pg -c "create role sandbox login createdb password 'sandbox'"
 	psql_pg -c "create database sandbox owner sandbox"
 	log "created role and database 'sandbox'"
+fi
+if [[ $(psql_pg -c "select rolcreatedb from pg_roles where rolname = 'sandbox'") != t ]]; then
+	psql_pg -c "alter role sandbox createdb"  # clusters made before the tests needed it
 fi
 log "running: postgresql://sandbox@127.0.0.1:$port/sandbox"

@@ -1,0 +1,106 @@
+"""Migrations and API keys against a real PostgreSQL (a throwaway database per test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from engine.migrate import migrate
+from engine.settings import Settings
+from engine.store import (
+    Role,
+    authenticate,
+    create_client,
+    ensure_first_admin,
+    list_clients,
+    revoke_client,
+)
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def database(settings: Settings, db_conn: psycopg.Connection) -> Iterator[str]:
+    name = f"sandbox_test_{secrets.token_hex(4)}"
+    db_conn.execute(f"CREATE DATABASE {name}")
+    url = urlsplit(settings.database_url.get_secret_value())._replace(path=f"/{name}").geturl()
+    yield url
+    db_conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_migrations_apply_once(database: str) -> None:
+    assert migrate(database) == ["0001_init"]
+    assert migrate(database) == []
+    with psycopg.connect(database) as conn:
+        rows = conn.execute("SELECT version, name FROM schema_version").fetchall()
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+    assert rows == [(1, "0001_init")]
+    assert {"api_clients", "sandboxes", "sandbox_events"} <= tables
+
+
+def test_keys_are_stored_hashed_and_revoked_at_once(database: str) -> None:
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        client, key = create_client(conn, name="alice", role=Role.MEMBER)
+        assert key.startswith("sek_") and len(key) > 40
+        stored = conn.execute("SELECT api_clients::text FROM api_clients").fetchone()
+        assert stored is not None and key not in stored[0] and key[12:] not in stored[0]
+
+        found = authenticate(conn, key)
+        assert found is not None and found.id == client.id and found.last_used_at is not None
+        assert authenticate(conn, key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        assert authenticate(conn, "not-a-key") is None
+
+        assert revoke_client(conn, client.id)
+        assert authenticate(conn, key) is None
+        assert not revoke_client(conn, client.id)
+        assert [c.revoked_at is not None for c in list_clients(conn)] == [True]
+
+
+def test_first_admin_is_created_once(database: str) -> None:
+    migrate(database)
+    with psycopg.connect(database) as conn:
+        key = ensure_first_admin(conn)
+        conn.commit()
+        assert key is not None
+        assert ensure_first_admin(conn) is None
+        conn.commit()
+        admin = authenticate(conn, key)
+    assert admin is not None and admin.role == "admin"
+
+
+def test_cli_creates_a_key_as_json(database: str) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "keys",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "admin",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "SANDBOX_DATABASE_URL": database},
+    )
+    assert out.returncode == 0, out.stderr
+    created = json.loads(out.stdout)
+    assert created["role"] == "admin" and created["key"].startswith("sek_")
+    with psycopg.connect(database) as conn:
+        assert authenticate(conn, created["key"]) is not None
