@@ -3,28 +3,70 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter
+from psycopg_pool import ConnectionPool
 
+from api import problems, terminal
+from api.routes import keys, ops, sandboxes, templates
+from engine import tokens
 from engine.migrate import migrate
+from engine.service import SandboxService
 from engine.settings import Settings
+from engine.stacks import StackManager
+
+MAX_BODY_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings = settings
+        url = settings.database_url.get_secret_value()
         # The schema is brought up to date before the first request (migrations are locked).
-        await asyncio.to_thread(migrate, settings.database_url.get_secret_value())
-        yield
+        await asyncio.to_thread(migrate, url)
+        pool = ConnectionPool(url, min_size=1, max_size=16, open=False)
+        await asyncio.to_thread(pool.open, True, 30.0)
+        stacks = await asyncio.to_thread(StackManager, settings)
+        app.state.settings = settings
+        app.state.service = SandboxService(settings, pool, stacks)
+        app.state.secret_key = tokens.secret_key(settings)
+        try:
+            yield
+        finally:
+            await app.state.service.drain()
+            await asyncio.to_thread(pool.close)
 
-    app = FastAPI(title="Sandbox Engine", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Sandbox Engine",
+        version="0.1.0",
+        summary="Disposable Linux workspaces with the Claude Code CLI, one Pulumi stack each.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    registry = CollectorRegistry()
+    requests = Counter(
+        "sandbox_engine_http_requests",
+        "HTTP requests",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    app.state.http_registry = registry
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    @app.middleware("http")
+    async def limits_and_metrics(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return problems.problem(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        return response
 
+    for router in (ops.router, sandboxes.router, templates.router, keys.router, terminal.router):
+        app.include_router(router)
     return app

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_stack_operations: int = Field(default=4, ge=1, le=64)
     # Folder holding the sandbox templates (*.yaml).
     templates_dir: Path | None = None
+    # Live sandboxes one API key may hold at once.
+    max_live_sandboxes_per_key: int = Field(default=5, ge=1, le=10000)
+    # Creates one API key may request per minute.
+    creates_per_minute: int = Field(default=30, ge=1, le=10000)
+    # Signs candidate access tokens; empty: a random key kept in .state/secret-key.
+    secret_key: SecretStr = SecretStr("")
     # Address the API listens on.
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8000, ge=1, le=65535)

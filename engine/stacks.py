@@ -9,6 +9,7 @@ here, once, into the engine's exception tree.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -100,6 +101,7 @@ class StackManager:
         sandbox_id: str,
         owner: str,
         templates_dir: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         config = {
             "sandbox:id": auto.ConfigValue(sandbox_id),
@@ -112,6 +114,9 @@ class StackManager:
             config["sandbox:servicePassword"] = auto.ConfigValue(
                 secrets.token_urlsafe(18), secret=True
             )
+        if env:
+            # Request env may carry credentials (an Anthropic key): a stack secret.
+            config["sandbox:env"] = auto.ConfigValue(json.dumps(env), secret=True)
         stack.set_all_config(config)
 
     @staticmethod
@@ -155,6 +160,7 @@ class StackManager:
         *,
         sandbox_id: str | None = None,
         owner: str = "cli",
+        env: dict[str, str] | None = None,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Create the stack and bring the sandbox up; on failure, tear down what was made."""
@@ -163,7 +169,7 @@ class StackManager:
         with self._operation(name):
             stack = self._stack(name, create=True)
             try:
-                self._configure(stack, template, sandbox_id, owner, templates_dir)
+                self._configure(stack, template, sandbox_id, owner, templates_dir, env)
                 if template.claude_auth:
                     self._ensure_shared_volume()
                 up = stack.up(on_event=self._progress(progress))

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 KEY_PREFIX = "sek_"
 SHOWN_PREFIX = 12  # characters of a key kept to recognise it ("sek_" and 8 more)
@@ -98,3 +99,188 @@ def ensure_first_admin(conn: psycopg.Connection) -> str | None:
         return None
     _, key = create_client(conn, name="first admin", role=Role.ADMIN)
     return key
+
+
+# --- sandboxes -------------------------------------------------------------------------------
+
+
+class SandboxState(StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    FAILED = "failed"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    EXPIRED = "expired"
+
+
+class DestroyReason(StrEnum):
+    REQUEST = "request"
+    TTL = "ttl"
+    ORPHANED = "orphaned"
+
+
+LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING)
+# Which state may follow which; anything else is a conflict.
+TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
+    SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.FAILED, SandboxState.DESTROYING),
+    SandboxState.RUNNING: (SandboxState.DESTROYING,),
+    SandboxState.FAILED: (SandboxState.DESTROYING,),
+    SandboxState.DESTROYING: (SandboxState.DESTROYED, SandboxState.EXPIRED, SandboxState.FAILED),
+    SandboxState.DESTROYED: (),
+    SandboxState.EXPIRED: (),
+}
+
+
+@dataclass(frozen=True)
+class SandboxRow:
+    id: str
+    owner_id: int
+    template: str
+    state: str
+    reason: str | None
+    created_at: datetime
+    expires_at: datetime
+    destroyed_at: datetime | None
+    outputs: dict[str, object] | None
+    error: str | None
+
+
+_SANDBOX_COLUMNS = (
+    "id, owner_id, template, state, reason, created_at, expires_at, destroyed_at, outputs, error"
+)
+
+
+def insert_sandbox(
+    conn: psycopg.Connection,
+    *,
+    sandbox_id: str,
+    owner_id: int,
+    template: str,
+    ttl_seconds: int,
+    idempotency_key: str | None,
+) -> SandboxRow:
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            "INSERT INTO sandboxes (id, owner_id, template, state, expires_at, idempotency_key)"
+            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s)"
+            f" RETURNING {_SANDBOX_COLUMNS}",
+            (sandbox_id, owner_id, template, ttl_seconds, idempotency_key),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+def get_sandbox(conn: psycopg.Connection, sandbox_id: str) -> SandboxRow | None:
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE id = %s", (sandbox_id,))
+        return cur.fetchone()
+
+
+def find_idempotent(conn: psycopg.Connection, *, owner_id: int, key: str) -> SandboxRow | None:
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes"
+            " WHERE owner_id = %s AND idempotency_key = %s",
+            (owner_id, key),
+        )
+        return cur.fetchone()
+
+
+def list_sandboxes(
+    conn: psycopg.Connection, *, owner_id: int | None, state: str | None, limit: int = 200
+) -> list[SandboxRow]:
+    """Newest first; ``owner_id=None`` lists everyone's (admins)."""
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes"
+            " WHERE (%(owner)s::bigint IS NULL OR owner_id = %(owner)s)"
+            " AND (%(state)s::text IS NULL OR state = %(state)s)"
+            " ORDER BY created_at DESC LIMIT %(limit)s",
+            {"owner": owner_id, "state": state, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+def count_live(conn: psycopg.Connection, *, owner_id: int) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM sandboxes WHERE owner_id = %s AND state IN ('creating', 'running')",
+        (owner_id,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def transition(
+    conn: psycopg.Connection,
+    sandbox_id: str,
+    to: SandboxState,
+    *,
+    reason: str | None = None,
+    outputs: dict[str, object] | None = None,
+    error: str | None = None,
+) -> SandboxRow | None:
+    """Move a sandbox to ``to`` if its current state allows it; None when it does not.
+
+    The row is locked (FOR UPDATE) so two requests cannot both start a destroy.
+    """
+    allowed = [s.value for s, nexts in TRANSITIONS.items() if to in nexts]
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute("SELECT state FROM sandboxes WHERE id = %s FOR UPDATE", (sandbox_id,))
+        cur.execute(
+            "UPDATE sandboxes SET state = %(to)s,"
+            " reason = COALESCE(%(reason)s, reason),"
+            " outputs = COALESCE(%(outputs)s, outputs),"
+            " error = COALESCE(%(error)s, error),"
+            " destroyed_at = CASE WHEN %(to)s IN ('destroyed', 'expired') THEN now()"
+            "   ELSE destroyed_at END"
+            " WHERE id = %(id)s AND state = ANY(%(allowed)s)"
+            f" RETURNING {_SANDBOX_COLUMNS}",
+            {
+                "to": to.value,
+                "reason": reason,
+                "error": error,
+                "id": sandbox_id,
+                "allowed": allowed,
+                "outputs": Jsonb(outputs) if outputs is not None else None,
+            },
+        )
+        return cur.fetchone()
+
+
+def extend(conn: psycopg.Connection, sandbox_id: str, *, expires_at: datetime) -> SandboxRow | None:
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            "UPDATE sandboxes SET expires_at = %s"
+            " WHERE id = %s AND state IN ('creating', 'running')"
+            f" RETURNING {_SANDBOX_COLUMNS}",
+            (expires_at, sandbox_id),
+        )
+        return cur.fetchone()
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    sandbox_id: str
+    at: datetime
+    kind: str
+    message: str
+
+
+def add_event(conn: psycopg.Connection, sandbox_id: str, kind: str, message: str = "") -> None:
+    conn.execute(
+        "INSERT INTO sandbox_events (sandbox_id, kind, message) VALUES (%s, %s, %s)",
+        (sandbox_id, kind, message[:2000]),
+    )
+    # Wakes the event streams of this sandbox (they LISTEN on the channel).
+    conn.execute("SELECT pg_notify('sandbox_events', %s)", (sandbox_id,))
+
+
+def list_events(conn: psycopg.Connection, sandbox_id: str, *, after: int = 0) -> list[Event]:
+    with conn.cursor(row_factory=class_row(Event)) as cur:
+        cur.execute(
+            "SELECT id, sandbox_id, at, kind, message FROM sandbox_events"
+            " WHERE sandbox_id = %s AND id > %s ORDER BY id",
+            (sandbox_id, after),
+        )
+        return cur.fetchall()

@@ -316,5 +316,5 @@ def find(folder: Path, name: str) -> Template:
         raise NotFoundError(f"no template named {name!r}")
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        raise NotFoundError(f"no template named {name!r} in {folder}")
+        raise NotFoundError(f"no template named {name!r}")
     return load(path)

@@ -25,5 +25,6 @@ spec = build_spec(
     ),
 )
 password = cfg.require_secret("servicePassword") if "postgres" in template.services else None
-for key, value in declare(spec, password).items():
+extra_env = cfg.get_secret_object("env")  # the create request's env, a secret
+for key, value in declare(spec, password, extra_env).items():
     pulumi.export(key, value)

@@ -14,7 +14,11 @@ def _labels(labels: dict[str, str], cls: Any) -> list[Any]:
     return [cls(label=k, value=v) for k, v in sorted(labels.items())]
 
 
-def declare(spec: SandboxSpec, service_password: pulumi.Output[str] | None) -> dict[str, Any]:
+def declare(
+    spec: SandboxSpec,
+    service_password: pulumi.Output[str] | None,
+    extra_env: pulumi.Output[Any] | None = None,
+) -> dict[str, Any]:
     """Declare the sandbox's network, volumes and containers; return the stack outputs."""
     network = docker.Network(
         "network",
@@ -40,7 +44,13 @@ def declare(spec: SandboxSpec, service_password: pulumi.Output[str] | None) -> d
             env["DATABASE_URL"] = pulumi.Output.concat(
                 f"postgresql://{SERVICE_DB}:", service_password, f"@postgres:5432/{SERVICE_DB}"
             )
-        envs = pulumi.Output.all(*[pulumi.Output.concat(k, "=", v) for k, v in sorted(env.items())])
+        pairs = [pulumi.Output.concat(k, "=", v) for k, v in sorted(env.items())]
+        envs = pulumi.Output.all(*pairs)
+        if extra_env is not None and c.key == "workspace":
+            # The request's env comes last, so it can set what the template leaves open.
+            envs = pulumi.Output.all(envs, extra_env).apply(
+                lambda both: [*both[0], *(f"{k}={v}" for k, v in sorted((both[1] or {}).items()))]
+            )
         return docker.Container(
             c.key,
             name=c.name,

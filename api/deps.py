@@ -1,0 +1,59 @@
+"""Request dependencies: the caller (API key), the service, and the problem+json mapping."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from engine import store
+from engine.service import SandboxService
+from engine.store import Client
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <key>")
+
+
+class Unauthorized(HTTPException):
+    def __init__(self, detail: str = "a valid API key is required") -> None:
+        super().__init__(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_service(request: Request) -> SandboxService:
+    service: SandboxService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[SandboxService, Depends(get_service)]
+
+
+async def key_client(service: SandboxService, key: str | None) -> Client:
+    """The live client for a key; failures are rate-limited by the caller's address."""
+    if not key:
+        raise Unauthorized()
+    client: Client | None = await service.db(store.authenticate, key)
+    if client is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return client
+
+
+async def get_client(
+    request: Request,
+    service: ServiceDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
+) -> Client:
+    return await key_client(service, bearer.credentials if bearer else header)
+
+
+ClientDep = Annotated[Client, Depends(get_client)]
+
+
+async def get_admin(client: ClientDep) -> Client:
+    if client.role != "admin":
+        raise HTTPException(403, "this needs an admin key")
+    return client
+
+
+AdminDep = Annotated[Client, Depends(get_admin)]

@@ -1,0 +1,152 @@
+"""The terminal WebSocket: browser ⇄ ``docker exec`` (TTY) into the workspace's tmux session.
+
+Binary frames carry terminal bytes both ways; a text frame ``{"type": "resize", "cols": C,
+"rows": R}`` resizes. The shell lives in tmux session ``main``: a dropped connection
+reconnects to the same shell with its scrollback, and several viewers can attach at once.
+Close codes: 4401 unauthorized, 4404 no such sandbox, 4409 not running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from typing import Any
+
+import docker
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from engine import store, tokens
+from engine.errors import NotFoundError
+from engine.service import SandboxService
+
+router = APIRouter(tags=["terminal"])
+CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_NOT_RUNNING = 4401, 4404, 4409
+# Attach to (or start) the session; the newest client's size wins, so a resize applies at once.
+TMUX = ["tmux", "new-session", "-A", "-s", "main", ";", "set-option", "-g", "window-size", "latest"]
+
+
+async def _authorize(
+    ws: WebSocket, service: SandboxService, sandbox_id: str, token: str | None
+) -> store.SandboxRow | None:
+    if token and token.startswith(tokens.PREFIX):
+        if tokens.verify(ws.app.state.secret_key, token) != sandbox_id:
+            await ws.close(CLOSE_UNAUTHORIZED, "the access token does not open this sandbox")
+            return None
+        row: store.SandboxRow | None = await service.db(store.get_sandbox, sandbox_id)
+        if row is None:
+            await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
+        return row
+    key = token or ws.headers.get("x-api-key") or ws.headers.get("authorization", "")[7:]
+    client = await service.db(store.authenticate, key) if key else None
+    if client is None:
+        await ws.close(CLOSE_UNAUTHORIZED, "a valid API key or access token is required")
+        return None
+    try:
+        return await service.get(client, sandbox_id)
+    except NotFoundError:
+        await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
+        return None
+
+
+@router.websocket("/api/v1/ws/terminal/{sandbox_id}")
+async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> None:
+    service: SandboxService = ws.app.state.service
+    row = await _authorize(ws, service, sandbox_id, token)
+    if row is None:
+        return
+    workspace = (row.outputs or {}).get("workspace")
+    if row.state != "running" or not workspace:
+        await ws.close(CLOSE_NOT_RUNNING, f"the sandbox is {row.state}")
+        return
+    template = service.template(row.template)
+    user, workdir = template.workspace.user, template.workspace.workdir
+    await ws.accept()
+    client = docker.from_env(timeout=30)
+    try:
+        exec_id, sock = await asyncio.to_thread(_start_exec, client, str(workspace), user, workdir)
+    except docker.errors.APIError as exc:
+        await ws.close(CLOSE_NOT_RUNNING, f"the workspace is not running: {exc.explanation}"[:120])
+        client.close()
+        return
+    try:
+        await _bridge(ws, client, exec_id, sock)
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        client.close()
+
+
+def _start_exec(
+    client: docker.DockerClient, container: str, user: str, workdir: str
+) -> tuple[str, socket.socket]:
+    api = client.api
+    exec_id: str = api.exec_create(
+        container,
+        TMUX,
+        stdin=True,
+        tty=True,
+        user=user,
+        workdir=workdir,
+        environment={"TERM": "xterm-256color", "LANG": "en_US.UTF-8"},
+    )["Id"]
+    raw = api.exec_start(exec_id, tty=True, socket=True)
+    sock: socket.socket = getattr(raw, "_sock", raw)
+    return exec_id, sock
+
+
+async def _bridge(
+    ws: WebSocket, client: docker.DockerClient, exec_id: str, sock: socket.socket
+) -> None:
+    """Two pumps; when either side ends, the other is stopped and the socket closed."""
+
+    async def from_shell() -> None:
+        while True:
+            data = await asyncio.to_thread(sock.recv, 65536)
+            if not data:
+                await ws.close(1000, "the shell ended")
+                return
+            await ws.send_bytes(data)
+
+    async def to_shell() -> None:
+        while True:
+            message: Any = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes"):
+                await asyncio.to_thread(sock.sendall, message["bytes"])
+            elif message.get("text"):
+                await _control(client, exec_id, sock, message["text"])
+
+    tasks = [asyncio.create_task(from_shell()), asyncio.create_task(to_shell())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _control(
+    client: docker.DockerClient, exec_id: str, sock: socket.socket, text: str
+) -> None:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        await asyncio.to_thread(sock.sendall, text.encode())  # plain text is typed input
+        return
+    if isinstance(message, dict) and message.get("type") == "resize":
+        cols, rows = message.get("cols"), message.get("rows")
+        if (
+            isinstance(cols, int)
+            and isinstance(rows, int)
+            and 0 < cols <= 1000
+            and 0 < rows <= 1000
+        ):
+            await asyncio.to_thread(client.api.exec_resize, exec_id, height=rows, width=cols)
