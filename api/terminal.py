@@ -53,6 +53,8 @@ async def _authorize(
 @router.websocket("/api/v1/ws/terminal/{sandbox_id}")
 async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> None:
     service: SandboxService = ws.app.state.service
+    # Accept first: a refusal is then a close with a code the client can read, not a bare 403.
+    await ws.accept()
     row = await _authorize(ws, service, sandbox_id, token)
     if row is None:
         return
@@ -62,7 +64,6 @@ async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> 
         return
     template = service.template(row.template)
     user, workdir = template.workspace.user, template.workspace.workdir
-    await ws.accept()
     client = docker.from_env(timeout=30)
     try:
         exec_id, sock = await asyncio.to_thread(_start_exec, client, str(workspace), user, workdir)

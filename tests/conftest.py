@@ -79,3 +79,24 @@ def file_backend_url(tmp_path: Path) -> str:
     state = tmp_path / "state"
     state.mkdir()
     return f"file://{state}"
+
+
+@pytest.fixture
+def database(settings: Settings, db_conn: psycopg.Connection) -> Iterator[str]:
+    """A throwaway database beside the project's (the role may create databases)."""
+    yield from _throwaway_database(settings, db_conn)
+
+
+@pytest.fixture(scope="module")
+def module_database(settings: Settings, db_conn: psycopg.Connection) -> Iterator[str]:
+    yield from _throwaway_database(settings, db_conn)
+
+
+def _throwaway_database(settings: Settings, db_conn: psycopg.Connection) -> Iterator[str]:
+    from urllib.parse import urlsplit
+
+    name = f"sandbox_test_{secrets.token_hex(4)}"
+    db_conn.execute(f"CREATE DATABASE {name}")
+    url = urlsplit(settings.database_url.get_secret_value())._replace(path=f"/{name}").geturl()
+    yield url
+    db_conn.execute(f"DROP DATABASE {name} WITH (FORCE)")

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import psycopg
-import pytest
 
 from engine.migrate import migrate
-from engine.settings import Settings
 from engine.store import (
     Role,
     authenticate,
@@ -24,15 +19,6 @@ from engine.store import (
     revoke_client,
 )
 from tests.conftest import ROOT
-
-
-@pytest.fixture
-def database(settings: Settings, db_conn: psycopg.Connection) -> Iterator[str]:
-    name = f"sandbox_test_{secrets.token_hex(4)}"
-    db_conn.execute(f"CREATE DATABASE {name}")
-    url = urlsplit(settings.database_url.get_secret_value())._replace(path=f"/{name}").geturl()
-    yield url
-    db_conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def test_migrations_apply_once(database: str) -> None:
