@@ -40,6 +40,7 @@ class SandboxPublic(BaseModel):
     endpoints: list[Endpoint] = []
     workspace: str | None = None
     error: str | None = None
+    metadata: dict[str, str] = {}
     links: dict[str, str]
 
 

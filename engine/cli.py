@@ -13,9 +13,13 @@ from engine.errors import EngineError
 from engine.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import psycopg
 
+    from engine.service import SandboxService
     from engine.stacks import StackManager
+    from engine.store import Client, SandboxRow
 
 
 def _cmd_doctor(settings: Settings, _: argparse.Namespace) -> int:
@@ -94,51 +98,91 @@ def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sandbox_create(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.templates import find
-    from engine.units import format_duration, parse_duration
+def _with_service(settings: Settings, work: Callable[..., Awaitable[int]]) -> int:
+    """Run ``work(service, client)`` on the same service the API uses (same rows and events),
+    as the local CLI's admin identity; running jobs finish before the command returns."""
+    import asyncio
 
-    template = find(settings.templates_path, args.template)
-    ttl = parse_duration(args.ttl) if args.ttl else template.ttl
-    if ttl > template.max_ttl:
-        print(
-            f"sandbox-engine: --ttl {args.ttl} is over the template's max_ttl "
-            f"({format_duration(template.max_ttl)})",
-            file=sys.stderr,
-        )
-        return 2
-    manager = _manager(settings)
-    outputs = manager.create(
-        template,
-        settings.templates_path,
-        progress=lambda line: print(f"[sandbox] {line}", file=sys.stderr, flush=True),
-    )
-    outputs["ttl"] = format_duration(ttl)
-    if args.json:
-        print(json.dumps(outputs, indent=2))
-    else:
-        print(
-            f"sandbox {outputs['sandboxId']} running ({outputs['template']}); "
-            f"terminal: docker exec -it {outputs['workspace']} bash -l"
-        )
-    return 0
+    from psycopg_pool import ConnectionPool
+
+    from engine import store
+    from engine.migrate import migrate
+    from engine.service import SandboxService
+
+    async def main() -> int:
+        url = settings.database_url.get_secret_value()
+        await asyncio.to_thread(migrate, url)
+        pool = ConnectionPool(url, min_size=1, max_size=4, open=False)
+        await asyncio.to_thread(pool.open, True, 30.0)
+        service = SandboxService(settings, pool, await asyncio.to_thread(_manager, settings))
+        try:
+            client = await service.db(store.local_client)
+            return await work(service, client)
+        finally:
+            await service.drain()
+            await asyncio.to_thread(pool.close)
+
+    return asyncio.run(main())
+
+
+async def _follow(
+    service: SandboxService, client: Client, sandbox_id: str, until: tuple[str, ...]
+) -> SandboxRow:
+    """Print the sandbox's events as progress lines until it reaches one of ``until``."""
+    import asyncio
+
+    last = 0
+    while True:
+        for event in await service.events(sandbox_id, after=last):
+            last = event.id
+            print(f"[{sandbox_id}] {event.kind}: {event.message}", file=sys.stderr, flush=True)
+        row = await service.get(client, sandbox_id)
+        if row.state in until:
+            return row
+        await asyncio.sleep(0.3)
+
+
+def _cmd_sandbox_create(settings: Settings, args: argparse.Namespace) -> int:
+    from api.routes.sandboxes import public
+    from engine.service import CreateRequest
+
+    async def work(service: SandboxService, client: Client) -> int:
+        row, _ = await service.create(client, CreateRequest(template=args.template, ttl=args.ttl))
+        row = await _follow(service, client, row.id, ("running", "failed"))
+        body = public(row)
+        if args.json:
+            print(body.model_dump_json(indent=2))
+        else:
+            print(
+                f"sandbox {row.id} {row.state} ({row.template}), expires "
+                f"{row.expires_at:%Y-%m-%d %H:%M} UTC; terminal: docker exec -it "
+                f"{body.workspace} bash -l"
+            )
+        return 0 if row.state == "running" else 1
+
+    return _with_service(settings, work)
 
 
 def _cmd_sandbox_list(settings: Settings, args: argparse.Namespace) -> int:
-    for s in _manager(settings).list():
-        print(
-            f"{s.name.removeprefix('sbx-'):12} {s.resource_count or 0:3} resources  "
-            f"updated {s.last_update or '-'}"
-        )
-    return 0
+    async def work(service: SandboxService, client: Client) -> int:
+        for row in await service.list_for(client, state=args.state):
+            print(
+                f"{row.id:12} {row.state:10} {row.template:16} "
+                f"expires {row.expires_at:%Y-%m-%d %H:%M}"
+            )
+        return 0
+
+    return _with_service(settings, work)
 
 
 def _cmd_sandbox_destroy(settings: Settings, args: argparse.Namespace) -> int:
-    _manager(settings).destroy(
-        args.id, progress=lambda line: print(f"[sandbox] {line}", file=sys.stderr, flush=True)
-    )
-    print(f"sandbox {args.id} destroyed")
-    return 0
+    async def work(service: SandboxService, client: Client) -> int:
+        await service.destroy(client, args.id)
+        row = await _follow(service, client, args.id, ("destroyed", "failed", "expired"))
+        print(f"sandbox {args.id} {row.state}")
+        return 0 if row.state != "failed" else 1
+
+    return _with_service(settings, work)
 
 
 def _connect(settings: Settings) -> psycopg.Connection:
@@ -260,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ttl", help="time to live, e.g. 2h (default: the template's)")
     create.add_argument("--json", action="store_true", help="print the sandbox as JSON")
     create.set_defaults(func=_cmd_sandbox_create)
-    sandbox_sub.add_parser("list", help="live sandbox stacks").set_defaults(func=_cmd_sandbox_list)
+    slist = sandbox_sub.add_parser("list", help="sandboxes, newest first")
+    slist.add_argument(
+        "--state", choices=["creating", "running", "failed", "destroying", "destroyed", "expired"]
+    )
+    slist.set_defaults(func=_cmd_sandbox_list)
     destroy = sandbox_sub.add_parser("destroy", help="destroy a sandbox and remove its stack")
     destroy.add_argument("id")
     destroy.set_defaults(func=_cmd_sandbox_destroy)

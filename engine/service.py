@@ -139,6 +139,7 @@ class SandboxService:
                 template=template.name,
                 ttl_seconds=int(ttl.total_seconds()),
                 idempotency_key=request.idempotency_key,
+                metadata=request.metadata,
             )
             store.add_event(conn, row.id, "state", "creating")
             return row

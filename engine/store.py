@@ -143,10 +143,12 @@ class SandboxRow:
     destroyed_at: datetime | None
     outputs: dict[str, object] | None
     error: str | None
+    metadata: dict[str, str]
 
 
 _SANDBOX_COLUMNS = (
-    "id, owner_id, template, state, reason, created_at, expires_at, destroyed_at, outputs, error"
+    "id, owner_id, template, state, reason, created_at, expires_at, destroyed_at, outputs, error,"
+    " metadata"
 )
 
 
@@ -158,13 +160,15 @@ def insert_sandbox(
     template: str,
     ttl_seconds: int,
     idempotency_key: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> SandboxRow:
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
-            "INSERT INTO sandboxes (id, owner_id, template, state, expires_at, idempotency_key)"
-            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s)"
+            "INSERT INTO sandboxes"
+            " (id, owner_id, template, state, expires_at, idempotency_key, metadata)"
+            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s, %s)"
             f" RETURNING {_SANDBOX_COLUMNS}",
-            (sandbox_id, owner_id, template, ttl_seconds, idempotency_key),
+            (sandbox_id, owner_id, template, ttl_seconds, idempotency_key, Jsonb(metadata or {})),
         )
         row = cur.fetchone()
     assert row is not None
@@ -284,3 +288,17 @@ def list_events(conn: psycopg.Connection, sandbox_id: str, *, after: int = 0) ->
             (sandbox_id, after),
         )
         return cur.fetchall()
+
+
+def local_client(conn: psycopg.Connection) -> Client:
+    """The admin identity of the local ``sandbox-engine`` CLI (its key is never shown)."""
+    with conn.cursor(row_factory=class_row(Client)) as cur:
+        cur.execute(
+            "SELECT id, name, role, key_prefix, created_at, last_used_at, revoked_at"
+            " FROM api_clients WHERE name = 'local cli' AND role = 'admin' AND revoked_at IS NULL"
+        )
+        found = cur.fetchone()
+    if found:
+        return found
+    client, _ = create_client(conn, name="local cli", role=Role.ADMIN)
+    return client

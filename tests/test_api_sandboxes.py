@@ -60,7 +60,7 @@ def wait_state(http: httpx.Client, sandbox_id: str, state: str, timeout: float =
 
 @pytest.fixture(scope="module")
 def alice_sandbox(api: dict[str, Any]) -> Iterator[dict]:
-    with client(api, "alice") as http:
+    with client(api, "alice", "x-api-key") as http:
         created = http.post("/api/v1/sandboxes", json={"template": "backend-go", "ttl": "30m"})
         assert created.status_code == 202, created.text
         body = wait_state(http, created.json()["id"], "running")

@@ -170,7 +170,7 @@ def test_invalid_template_and_ttl_create_nothing(manager: StackManager, tmp_path
         timeout=120,
         cwd=ROOT,
     )
-    assert result.returncode == 2 and "max_ttl" in result.stderr, result.stderr
+    assert result.returncode == 1 and "max_ttl" in result.stderr, result.stderr
     result = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "sandbox-engine"), "templates", "validate", str(bad)],
         capture_output=True,

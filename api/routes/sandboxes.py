@@ -34,6 +34,7 @@ def public(row: SandboxRow) -> SandboxPublic:
         endpoints=outputs.get("endpoints", []),
         workspace=outputs.get("workspace"),
         error=row.error,
+        metadata=row.metadata,
         links={
             "self": base,
             "events": f"{base}/events",

@@ -24,6 +24,7 @@ CREATE TABLE sandboxes (
     spec            jsonb,
     outputs         jsonb,
     error           text,
+    metadata        jsonb       NOT NULL DEFAULT '{}',  -- the client's own labels, returned as given
     idempotency_key text,
     UNIQUE (owner_id, idempotency_key)
 );
