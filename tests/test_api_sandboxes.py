@@ -122,6 +122,11 @@ def test_lifecycle_over_http_sse_and_websocket(
                 t = Terminal(ws)
                 await t.type("echo mark=$MARK\r")
                 await t.expect("mark=kept-hi")
+                # A second viewer at the same time sees what the first one types.
+                async with websockets.connect(url) as other:
+                    viewer = Terminal(other)
+                    await t.type("echo both-$((40+2))\r")
+                    await viewer.expect("both-42")
 
         asyncio.run(terminal())
 
