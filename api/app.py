@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter
 from psycopg_pool import ConnectionPool
 
-from api import problems, terminal
+from api import problems, redact, terminal
 from api.routes import keys, ops, sandboxes, templates
 from engine import tokens
 from engine.migrate import migrate
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    redact.install()
     registry = CollectorRegistry()
     requests = Counter(
         "sandbox_engine_http_requests",

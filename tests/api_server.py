@@ -28,7 +28,8 @@ def serve(settings: Settings) -> Iterator[str]:
             create_app(settings),
             host="127.0.0.1",
             port=port,
-            log_level="warning",
+            log_level="info",
+            log_config=None,  # records reach the root logger (and the tests' caplog)
             ws="websockets-sansio",
         )
     )

@@ -280,3 +280,35 @@ def test_templates_and_ops(api: dict[str, Any]) -> None:
         assert bob.get("/api/v1/templates/nope").status_code == 404
         assert bob.get("/readyz").status_code == 200
         assert "sandbox_engine_http_requests" in bob.get("/metrics").text
+
+
+def test_keys_and_tokens_stay_out_of_the_logs(
+    api: dict[str, Any], alice_sandbox: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    sid = alice_sandbox["id"]
+    with client(api, "alice") as alice:
+        token = alice.post(f"/api/v1/sandboxes/{sid}/access-tokens").json()["token"]
+        alice.get(f"/api/v1/sandboxes/{sid}?token={api['keys']['alice']}")
+    for credential in (token, api["keys"]["alice"], api["keys"]["bob"]):
+        url = f"ws://{api['address']}/api/v1/ws/terminal/{sid}?token={credential}"
+        asyncio.run(close_code(url))
+    # What the server wrote (the test's own HTTP and WebSocket clients log their requests too).
+    server = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith(("uvicorn", "sandbox_engine", "api"))
+    )
+    assert "terminal" in server and "token=***" in server, "the connections were not logged"
+    for secret in (token, api["keys"]["alice"], api["keys"]["bob"]):
+        assert secret not in server
+        assert secret[8:30] not in server
+
+
+def test_redaction_is_pure() -> None:
+    from api.redact import redact
+
+    assert redact('"WebSocket /ws/x?token=sek_abc&y=1"') == '"WebSocket /ws/x?token=***&y=1"'
+    assert redact("key sat_abc.123.sig used") == "key sat_*** used"
