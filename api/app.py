@@ -14,6 +14,7 @@ from api import problems, redact, terminal
 from api.routes import keys, ops, sandboxes, templates
 from engine import tokens
 from engine.migrate import migrate
+from engine.reaper import Reaper
 from engine.service import SandboxService
 from engine.settings import Settings
 from engine.stacks import StackManager
@@ -33,9 +34,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.service = SandboxService(settings, pool, stacks)
         app.state.secret_key = tokens.secret_key(settings)
+        reaper = None
+        if settings.reap_interval > 0:
+            reaper = asyncio.create_task(
+                Reaper(app.state.service, interval=settings.reap_interval).run_forever()
+            )
         try:
             yield
         finally:
+            if reaper is not None:
+                reaper.cancel()
             await app.state.service.drain()
             await asyncio.to_thread(pool.close)
 

@@ -185,6 +185,23 @@ def _cmd_sandbox_destroy(settings: Settings, args: argparse.Namespace) -> int:
     return _with_service(settings, work)
 
 
+def _cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.reaper import Reaper
+
+    async def work(service: SandboxService, client: Client) -> int:
+        reaper = Reaper(service, interval=settings.reap_interval or 15)
+        if args.once:
+            ids = await reaper.run_once()
+            print(
+                f"reaping {len(ids)} expired sandbox(es)" + (f": {', '.join(ids)}" if ids else "")
+            )
+            return 0  # the destroy jobs finish before the command returns
+        await reaper.run_forever()
+        return 0
+
+    return _with_service(settings, work)
+
+
 def _connect(settings: Settings) -> psycopg.Connection:
     import psycopg
 
@@ -313,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     destroy.add_argument("id")
     destroy.set_defaults(func=_cmd_sandbox_destroy)
 
+    reap = sub.add_parser("reap", help="destroy expired sandboxes (for cron or a timer)")
+    reap.add_argument("--once", action="store_true", help="one pass, then exit")
+    reap.set_defaults(func=_cmd_reap)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(
         func=_cmd_migrate
     )

@@ -161,8 +161,12 @@ class SandboxService:
             return row
 
         row: SandboxRow = await self.db(begin)
-        self._spawn(self._destroy_job(sandbox_id, reason))
+        self.start_destroy(sandbox_id, reason)
         return row
+
+    def start_destroy(self, sandbox_id: str, reason: DestroyReason) -> None:
+        """Start the destroy job of a sandbox already moved to ``destroying``."""
+        self._spawn(self._destroy_job(sandbox_id, reason))
 
     async def extend(self, client: Client, sandbox_id: str, ttl: str) -> SandboxRow:
         row = await self.get(client, sandbox_id)

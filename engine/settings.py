@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     creates_per_minute: int = Field(default=30, ge=1, le=10000)
     # Signs candidate access tokens; empty: a random key kept in .state/secret-key.
     secret_key: SecretStr = SecretStr("")
+    # Seconds between reaper passes (expired sandboxes are destroyed); 0 turns it off.
+    reap_interval: float = Field(default=15, ge=0, le=3600)
     # Address the API listens on.
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8000, ge=1, le=65535)
