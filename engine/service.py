@@ -259,9 +259,8 @@ class SandboxService:
     ) -> None:
         def apply(conn: psycopg.Connection) -> None:
             row = store.transition(conn, sandbox_id, state, outputs=outputs, error=error)
-            if row is None:
-                # A delete arrived while creating: the destroy job owns the sandbox now.
-                store.add_event(conn, sandbox_id, "progress", f"{state} superseded by a destroy")
+            if row is None:  # not a legal step from the row's state: record, change nothing
+                store.add_event(conn, sandbox_id, "progress", f"ignored transition to {state}")
                 return
             store.add_event(
                 conn, sandbox_id, "state", state.value + (f": {error}" if error else "")

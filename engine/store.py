@@ -122,7 +122,8 @@ class DestroyReason(StrEnum):
 LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING)
 # Which state may follow which; anything else is a conflict.
 TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
-    SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.FAILED, SandboxState.DESTROYING),
+    # A create is not interrupted (its stack is busy): DELETE answers 409 until it settles.
+    SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.FAILED),
     SandboxState.RUNNING: (SandboxState.DESTROYING,),
     SandboxState.FAILED: (SandboxState.DESTROYING,),
     SandboxState.DESTROYING: (SandboxState.DESTROYED, SandboxState.EXPIRED, SandboxState.FAILED),

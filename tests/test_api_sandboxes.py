@@ -87,6 +87,9 @@ def test_lifecycle_over_http_sse_and_websocket(
             headers={"Idempotency-Key": "bob-1"},
         )
         assert again.status_code == 200 and again.json()["id"] == sandbox["id"]
+        # A create is not interrupted.
+        early = bearer.delete(f"/api/v1/sandboxes/{sandbox['id']}")
+        assert early.status_code == 409 and early.headers["content-type"] == PROBLEM
 
         # Stream the progress to running.
         kinds, last = [], None
