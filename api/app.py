@@ -34,6 +34,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.service = SandboxService(settings, pool, stacks)
         app.state.secret_key = tokens.secret_key(settings)
+        # Sandboxes a previous engine process left mid-operation are settled first.
+        await app.state.service.reconcile()
         reaper = None
         if settings.reap_interval > 0:
             reaper = asyncio.create_task(

@@ -193,6 +193,49 @@ class SandboxService:
         result: SandboxRow = await self.db(apply)
         return result
 
+    async def reconcile(self) -> list[str]:
+        """At start: settle sandboxes an engine left mid-operation (killed or crashed).
+
+        Policy: an interrupted create is failed and cleaned (its stack torn down, anything
+        labelled with it removed); an interrupted destroy is finished. Either way nothing of
+        the sandbox is left behind. Returns the sandbox ids settled.
+        """
+        rows: list[SandboxRow] = await self.db(
+            store.list_sandboxes, owner_id=None, state=None, limit=100_000
+        )
+        stuck = [r for r in rows if r.state in ("creating", "destroying")]
+        for row in stuck:
+            await self._event(row.id, "progress", "recovering after an engine restart")
+            try:
+                await asyncio.to_thread(self.stacks.recover, row.id)
+            except Exception as exc:
+                log.warning("recovery of %s failed: %s", row.id, exc)
+                await self._force(row.id, SandboxState.FAILED, f"recovery failed: {exc}")
+                continue
+            if row.state == "creating":
+                await self._force(
+                    row.id, SandboxState.FAILED, "the engine stopped during the create; cleaned up"
+                )
+            else:
+                final = (
+                    SandboxState.EXPIRED
+                    if row.reason == DestroyReason.TTL
+                    else SandboxState.DESTROYED
+                )
+                await self._finish(row.id, final)
+        return [r.id for r in stuck]
+
+    async def _force(self, sandbox_id: str, state: SandboxState, error: str) -> None:
+        def apply(conn: psycopg.Connection) -> None:
+            conn.execute(
+                # Recovery removed everything of the sandbox: it is gone as of now.
+                "UPDATE sandboxes SET state = %s, error = %s, destroyed_at = now() WHERE id = %s",
+                (state.value, error, sandbox_id),
+            )
+            store.add_event(conn, sandbox_id, "state", f"{state.value}: {error}")
+
+        await self.db(apply)
+
     # --- jobs ------------------------------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:

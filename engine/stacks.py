@@ -9,6 +9,7 @@ here, once, into the engine's exception tree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
@@ -24,7 +25,7 @@ from pulumi import automation as auto
 
 from engine.errors import ConflictError, NotFoundError, StackError
 from engine.settings import Settings
-from engine.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, MANAGED_BY, stack_name
+from engine.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, L_SANDBOX, MANAGED_BY, stack_name
 from engine.templates import Template
 from engine.toolenv import pulumi_command, workspace_options
 
@@ -233,6 +234,39 @@ class StackManager:
             stack.workspace.remove_stack(name)
             (self.settings.project_dir / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
 
+    def recover(self, sandbox_id: str) -> None:
+        """Tear down a sandbox whose engine died mid-operation.
+
+        The stack may hold a lock and pending operations (resources being created when the
+        process was killed, absent from the state): the lock is cancelled, the pending
+        operations are dropped from the state, the stack is destroyed and removed, and any
+        Docker object still labelled with the sandbox is removed directly.
+        """
+        name = stack_name(sandbox_id)
+        with self._operation(name):
+            # Containers first: one created but not yet recorded would keep the network and
+            # volumes busy. The provider counts the recorded ones, now gone, as deleted.
+            remove_labelled(sandbox_id, containers_only=True)
+            try:
+                stack = self._stack(name, create=False)
+            except NotFoundError:
+                stack = None
+            if stack is not None:
+                with contextlib.suppress(auto.CommandError):
+                    stack.cancel()  # DIY backends: removes the dead process's lock
+                exported = stack.export_stack()
+                state = dict(exported.deployment or {})
+                if state.get("pending_operations"):
+                    state["pending_operations"] = []
+                    stack.import_stack(auto.Deployment(version=exported.version, deployment=state))
+                try:
+                    stack.destroy()
+                except auto.CommandError as exc:
+                    raise StackError(_summarize(exc)) from exc
+                stack.workspace.remove_stack(name, force=True)
+                (self.settings.project_dir / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
+        remove_labelled(sandbox_id)
+
     def refresh(self, sandbox_id: str) -> dict[str, int]:
         name = stack_name(sandbox_id)
         with self._operation(name):
@@ -251,6 +285,29 @@ class StackManager:
                 work_dir=opts.work_dir, pulumi_command=opts.pulumi_command, env_vars=opts.env_vars
             )
         return [s for s in ws.list_stacks() if s.name.startswith("sbx-")]
+
+
+def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[str]:
+    """Remove every container, network and volume labelled with this sandbox (in that order:
+    what uses an object goes first). Returns what was removed."""
+    selector = {"label": f"{L_SANDBOX}={sandbox_id}"}
+    removed: list[str] = []
+    client = docker.from_env(timeout=60)
+    try:
+        for container in client.containers.list(all=True, filters=selector):
+            container.remove(force=True, v=True)
+            removed.append(f"container {container.name}")
+        if containers_only:
+            return removed
+        for network in client.networks.list(filters=selector):
+            network.remove()
+            removed.append(f"network {network.name}")
+        for volume in client.volumes.list(filters=selector):
+            volume.remove(force=True)
+            removed.append(f"volume {volume.name}")
+    finally:
+        client.close()
+    return removed
 
 
 def _counts(summary: Any) -> dict[str, int]:

@@ -1,0 +1,152 @@
+"""kill -9 of the engine in the middle of a create and of a destroy: after a restart, each
+sandbox ends settled and nothing of it is left in Docker or the Pulumi backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import psycopg
+import pytest
+
+from engine.migrate import migrate
+from engine.settings import Settings
+from engine.stacks import StackManager, remove_labelled
+from engine.store import Role, create_client
+from tests.conftest import ROOT
+
+
+class Engine:
+    """`sandbox-engine serve` as a process group of its own, so kill -9 takes its Pulumi
+    children with it, as a crash of the host process would."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.env, self.log = env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port)],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"the engine did not start:\n{self.log.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=600)
+
+
+@pytest.fixture
+def engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        _, key = create_client(conn, name="t", role=Role.MEMBER)
+    backend = f"file://{tmp_path}"
+    env = {
+        **os.environ,
+        "SANDBOX_DATABASE_URL": database,
+        "SANDBOX_PULUMI_BACKEND_URL": backend,
+        "SANDBOX_REAP_INTERVAL": "0",
+    }
+    process = Engine(env, tmp_path / "engine.log")
+    yield {"engine": process, "key": key, "backend": backend}
+    process.stop()
+    # Whatever a failing run left: nothing of its sandboxes outlives the test.
+    with psycopg.connect(database) as conn:
+        for (sid,) in conn.execute("SELECT id FROM sandboxes").fetchall():
+            remove_labelled(sid)
+
+
+def _http(engine: Engine, key: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{engine.port}", headers={"X-API-Key": key}, timeout=60
+    )
+
+
+def _wait_for_event(database: str, sid: str, text: str, timeout: float = 120) -> None:
+    """Poll the events table (the SSE stream would hold the request open until the end)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            found = conn.execute(
+                "SELECT 1 FROM sandbox_events WHERE sandbox_id = %s AND message LIKE %s",
+                (sid, f"%{text}%"),
+            ).fetchone()
+            if found:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"no event with {text!r}")
+
+
+def _nothing_left(docker_client: docker.DockerClient, settings: Settings, sid: str) -> None:
+    selector = {"label": f"io.sandbox-engine.sandbox={sid}"}
+    assert not docker_client.containers.list(all=True, filters=selector)
+    assert not docker_client.networks.list(filters=selector)
+    assert not docker_client.volumes.list(filters=selector)
+    assert f"sbx-{sid}" not in {s.name for s in StackManager(settings).list()}
+    assert not (ROOT / f"Pulumi.sbx-{sid}.yaml").exists()
+
+
+def test_kill_during_create_and_during_destroy(
+    engine: dict[str, Any], docker_client: docker.DockerClient, database: str
+) -> None:
+    proc: Engine = engine["engine"]
+    settings = Settings(database_url=database, pulumi_backend_url=engine["backend"])
+
+    # 1. Killed while the containers are being created.
+    proc.start()
+    with _http(proc, engine["key"]) as http:
+        sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
+        _wait_for_event(database, sid, "create docker:index/container:Container")
+        proc.kill9()
+    proc.start()
+    with _http(proc, engine["key"]) as http:
+        body = http.get(f"/api/v1/sandboxes/{sid}").json()
+        assert body["state"] == "failed" and "cleaned up" in body["error"], body
+    _nothing_left(docker_client, settings, sid)
+
+    # 2. Killed while a running sandbox is being destroyed.
+    with _http(proc, engine["key"]) as http:
+        sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
+        deadline = time.monotonic() + 180
+        while http.get(f"/api/v1/sandboxes/{sid}").json()["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert http.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
+        _wait_for_event(database, sid, "delete docker:index/container:Container")
+        proc.kill9()
+    proc.start()
+    with _http(proc, engine["key"]) as http:
+        body = http.get(f"/api/v1/sandboxes/{sid}").json()
+        assert body["state"] == "destroyed", body
+    _nothing_left(docker_client, settings, sid)
