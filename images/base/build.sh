@@ -6,7 +6,16 @@ set -euo pipefail
 
 image=${SANDBOX_BASE_IMAGE:-sandbox-base:bookworm}
 suite=bookworm
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this host's apt already uses (DEBIAN_MIRROR overrides it).
+host_mirror() {
+	local uri
+	uri=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
+		grep -v security | head -n 1)
+	[[ -n $uri ]] || uri=$(awk '$1 == "deb" && $0 !~ /security/ {print $2; exit}' \
+		/etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null)
+	echo "${uri%/}"
+}
+mirror=${DEBIAN_MIRROR:-$(host_mirror)}
 cache_root=${SANDBOX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sandbox-engine}
 tarball="$cache_root/rootfs/debian-$suite-minbase.tar"
 log() { printf '[base-image] %s\n' "$*" >&2; }
@@ -18,6 +27,7 @@ fi
 
 if [[ ! -s $tarball ]]; then
 	command -v debootstrap >/dev/null || { log "debootstrap is not installed (apt-get install debootstrap)"; exit 1; }
+	[[ -n $mirror ]] || { log "no Debian mirror in this host's apt sources: set DEBIAN_MIRROR"; exit 1; }
 	[[ $(id -u) -eq 0 ]] || { log "debootstrap needs root"; exit 1; }
 	mkdir -p "$(dirname "$tarball")"
 	work=$(mktemp -d "$cache_root/rootfs/debootstrap.XXXXXX")
