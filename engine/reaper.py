@@ -74,6 +74,11 @@ class Reaper:
         for row in claimed:
             log.info("sandbox %s expired at %s: destroying", row.id, row.expires_at)
             self.service.start_destroy(row.id, DestroyReason.TTL)
+        pruned = await self.service.db(
+            store.prune_destroyed, older_than_days=self.service.settings.retention_days
+        )
+        if pruned:
+            log.info("pruned %d sandboxes past the retention period", pruned)
         return [row.id for row in claimed]
 
     async def run_forever(self) -> None:

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr = SecretStr("")
     # Seconds between reaper passes (expired sandboxes are destroyed); 0 turns it off.
     reap_interval: float = Field(default=15, ge=0, le=3600)
+    # Days destroyed sandboxes (rows and events) are kept for audit before they are pruned.
+    retention_days: int = Field(default=30, ge=1, le=3650)
     # Address the API listens on.
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8000, ge=1, le=65535)

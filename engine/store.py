@@ -303,3 +303,14 @@ def local_client(conn: psycopg.Connection) -> Client:
         return found
     client, _ = create_client(conn, name="local cli", role=Role.ADMIN)
     return client
+
+
+def prune_destroyed(conn: psycopg.Connection, *, older_than_days: int) -> int:
+    """Delete sandboxes destroyed (or expired, or failed and cleaned) longer ago than the
+    retention period, with their events; returns how many."""
+    cur = conn.execute(
+        "DELETE FROM sandboxes WHERE destroyed_at IS NOT NULL"
+        " AND destroyed_at < now() - make_interval(days => %s)",
+        (older_than_days,),
+    )
+    return cur.rowcount

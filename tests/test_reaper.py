@@ -131,3 +131,28 @@ def test_a_ten_second_sandbox_expires(
     assert leftovers(docker_client, f"sbx-{sid}") == []
     stacks = StackManager(api["settings"]).list()
     assert f"sbx-{sid}" not in {s.name for s in stacks}
+
+
+def test_destroyed_rows_are_kept_for_the_retention_period(database: str) -> None:
+    from engine.store import prune_destroyed
+
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        owner, _ = create_client(conn, name="o", role=Role.MEMBER)
+        for sid, state, age in (
+            ("old0000001", "destroyed", 31),
+            ("new0000001", "destroyed", 29),
+            ("live000001", "running", None),
+        ):
+            conn.execute(
+                "INSERT INTO sandboxes (id, owner_id, template, state, expires_at, destroyed_at)"
+                " VALUES (%s, %s, 't', %s, now(), now() - make_interval(days => %s))",
+                (sid, owner.id, state, age),
+            )
+            conn.execute(
+                "INSERT INTO sandbox_events (sandbox_id, kind) VALUES (%s, 'state')", (sid,)
+            )
+        assert prune_destroyed(conn, older_than_days=30) == 1
+        left = {r[0] for r in conn.execute("SELECT id FROM sandboxes")}
+        events = {r[0] for r in conn.execute("SELECT sandbox_id FROM sandbox_events")}
+    assert left == events == {"new0000001", "live000001"}
