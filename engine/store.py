@@ -226,11 +226,11 @@ def transition(
 ) -> SandboxRow | None:
     """Move a sandbox to ``to`` if its current state allows it; None when it does not.
 
-    The row is locked (FOR UPDATE) so two requests cannot both start a destroy.
+    One conditional UPDATE: it locks the row and checks the state in the same step, so of two
+    requests racing to start a destroy exactly one moves the row (the other sees no row).
     """
     allowed = [s.value for s, nexts in TRANSITIONS.items() if to in nexts]
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
-        cur.execute("SELECT state FROM sandboxes WHERE id = %s FOR UPDATE", (sandbox_id,))
         cur.execute(
             "UPDATE sandboxes SET state = %(to)s,"
             " reason = COALESCE(%(reason)s, reason),"

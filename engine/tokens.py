@@ -10,12 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import secrets
 from datetime import UTC, datetime
-from pathlib import Path
 
 from engine.settings import Settings
+from engine.toolenv import ensure_secret_file
 
 PREFIX = "sat_"
 
@@ -25,13 +23,7 @@ def secret_key(settings: Settings) -> bytes:
     configured = settings.secret_key.get_secret_value()
     if configured:
         return configured.encode()
-    path: Path = settings.state_path / "secret-key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip().encode()
+    return ensure_secret_file(settings.state_path / "secret-key").read_text().strip().encode()
 
 
 def _sign(key: bytes, body: str) -> str:

@@ -18,15 +18,19 @@ from pulumi import automation as auto
 from engine.settings import Settings
 
 
-def ensure_passphrase_file(settings: Settings) -> Path:
-    """Create the passphrase that encrypts stack secrets on first use (mode 0600)."""
-    path = settings.passphrase_file
+def ensure_secret_file(path: Path) -> Path:
+    """A random secret in ``path``, written once with mode 0600 and kept from then on."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
     return path
+
+
+def ensure_passphrase_file(settings: Settings) -> Path:
+    """The passphrase that encrypts stack secrets, created on first use."""
+    return ensure_secret_file(settings.passphrase_file)
 
 
 def ensure_docker_plugin(settings: Settings) -> Path:
