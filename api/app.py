@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
         stacks = await asyncio.to_thread(StackManager, settings)
         app.state.settings = settings
         app.state.service = SandboxService(settings, pool, stacks)
+        await app.state.service.start()
         app.state.secret_key = tokens.secret_key(settings)
         # Sandboxes a previous engine process left mid-operation are settled first.
         await app.state.service.reconcile()
@@ -46,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             if reaper is not None:
                 reaper.cancel()
-            await app.state.service.drain()
+            await app.state.service.close()
             await asyncio.to_thread(pool.close)
 
     app = FastAPI(

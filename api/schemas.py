@@ -32,7 +32,9 @@ class Endpoint(BaseModel):
 class SandboxPublic(BaseModel):
     id: str
     template: str
-    state: Literal["creating", "running", "failed", "destroying", "destroyed", "expired"]
+    state: Literal[
+        "creating", "running", "repairing", "failed", "destroying", "destroyed", "expired"
+    ]
     reason: str | None
     created_at: datetime
     expires_at: datetime

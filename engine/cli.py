@@ -116,10 +116,11 @@ def _with_service(settings: Settings, work: Callable[..., Awaitable[int]]) -> in
         await asyncio.to_thread(pool.open, True, 30.0)
         service = SandboxService(settings, pool, await asyncio.to_thread(_manager, settings))
         try:
+            await service.start()
             client = await service.db(store.local_client)
             return await work(service, client)
         finally:
-            await service.drain()
+            await service.close()
             await asyncio.to_thread(pool.close)
 
     return asyncio.run(main())
@@ -323,7 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=_cmd_sandbox_create)
     slist = sandbox_sub.add_parser("list", help="sandboxes, newest first")
     slist.add_argument(
-        "--state", choices=["creating", "running", "failed", "destroying", "destroyed", "expired"]
+        "--state",
+        choices=[
+            "creating",
+            "running",
+            "repairing",
+            "failed",
+            "destroying",
+            "destroyed",
+            "expired",
+        ],
     )
     slist.set_defaults(func=_cmd_sandbox_list)
     destroy = sandbox_sub.add_parser("destroy", help="destroy a sandbox and remove its stack")

@@ -1,20 +1,25 @@
-"""The reaper: destroys sandboxes whose time is up.
+"""The reaper: destroys sandboxes whose time is up, and keeps the rest honest.
 
 The decision is a pure function of a row and the time; claiming is one SQL statement with
 ``FOR UPDATE SKIP LOCKED`` that also moves the row to ``destroying``, so several engine
 processes reaping one database never destroy the same sandbox twice. The destroy itself is the
 service's ordinary destroy job (reason ``ttl``, final state ``expired``).
+
+Each pass, in order: settle sandboxes whose engine process died (reconcile), destroy the
+expired, warn the soon-to-expire, repair running sandboxes changed by hand (drift), and every
+``sweep_interval`` remove orphans; then prune rows past the retention period. One step failing
+does not stop the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import psycopg
-from psycopg.rows import class_row
 
 from engine import store
 from engine.service import SandboxService
@@ -30,22 +35,22 @@ def should_reap(row: SandboxRow, now: datetime) -> bool:
     return row.state in ("running", "failed") and row.expires_at <= now
 
 
-def claim_expired(conn: psycopg.Connection, *, now: datetime, limit: int) -> list[SandboxRow]:
+def claim_expired(
+    conn: psycopg.Connection, *, now: datetime, limit: int, worker: str | None = None
+) -> list[SandboxRow]:
     """Claim up to ``limit`` expired sandboxes: lock them (skipping rows another process holds),
     then mark them ``destroying`` with reason ttl, in the caller's transaction."""
-    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
-        cur.execute(
-            "SELECT id, owner_id, template, state, reason, created_at, expires_at, destroyed_at,"
-            " outputs, error, metadata FROM sandboxes"
-            " WHERE state IN ('running', 'failed') AND expires_at <= %s"
-            " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
-            (now, limit),
-        )
-        candidates = [row for row in cur.fetchall() if should_reap(row, now)]
+    candidates = [
+        row for row in store.lock_expired(conn, now=now, limit=limit) if should_reap(row, now)
+    ]
     claimed = []
     for row in candidates:
         moved = store.transition(
-            conn, row.id, store.SandboxState.DESTROYING, reason=DestroyReason.TTL.value
+            conn,
+            row.id,
+            store.SandboxState.DESTROYING,
+            reason=DestroyReason.TTL.value,
+            worker=worker,
         )
         if moved is not None:
             store.add_event(conn, row.id, "state", "destroying (ttl)")
@@ -66,20 +71,40 @@ class Reaper:
         self.interval = interval
         self.batch = batch
         self.clock = clock
+        self._last_sweep: float | None = None
 
     async def run_once(self) -> list[str]:
-        """Claim what has expired and start its destroy jobs; return the sandbox ids."""
+        """One pass; returns the ids of the sandboxes whose destroy it started."""
+        settings = self.service.settings
+        await self._step("reconcile", self.service.reconcile())
         now = self.clock()
-        claimed: list[SandboxRow] = await self.service.db(claim_expired, now=now, limit=self.batch)
+        claimed: list[SandboxRow] = await self.service.db(
+            claim_expired, now=now, limit=self.batch, worker=self.service.worker
+        )
         for row in claimed:
             log.info("sandbox %s expired at %s: destroying", row.id, row.expires_at)
             self.service.start_destroy(row.id, DestroyReason.TTL)
+        if settings.warn_before > 0:
+            before = timedelta(seconds=settings.warn_before)
+            await self._step("warnings", self.service.warn_expiring(now, before))
+        await self._step("drift", self.service.check_drift())
+        mono = time.monotonic()
+        if self._last_sweep is None or mono - self._last_sweep >= settings.sweep_interval:
+            self._last_sweep = mono
+            await self._step("orphan sweep", self.service.sweep_orphans())
         pruned = await self.service.db(
-            store.prune_destroyed, older_than_days=self.service.settings.retention_days
+            store.prune_destroyed, older_than_days=settings.retention_days
         )
         if pruned:
             log.info("pruned %d sandboxes past the retention period", pruned)
         return [row.id for row in claimed]
+
+    @staticmethod
+    async def _step(name: str, work: Awaitable[object]) -> None:
+        try:
+            await work
+        except Exception:  # the rest of the pass still runs; the step is retried next pass
+            log.exception("reaper step %s failed", name)
 
     async def run_forever(self) -> None:
         """Once at start, then every interval, until cancelled."""

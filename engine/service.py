@@ -13,16 +13,18 @@ import secrets
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import docker
+import docker.errors
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from engine import store
+from engine import store, workers
 from engine.errors import ConflictError, EngineError, NotFoundError
 from engine.settings import Settings
-from engine.stacks import StackManager
+from engine.stacks import StackManager, container_states, engine_objects
 from engine.store import Client, DestroyReason, SandboxRow, SandboxState
 from engine.templates import Template, find
 from engine.units import format_duration, parse_duration
@@ -31,6 +33,10 @@ log = logging.getLogger("sandbox_engine.service")
 
 MAX_ENV = 50
 MAX_ENV_VALUE = 4096
+# A sandbox whose containers were removed by hand more often than this is failed, not repaired.
+MAX_REPAIRS = 3
+# Container states that need no repair ("restarting": Docker's restart policy is at work).
+HEALTHY = ("running", "restarting")
 
 
 class InvalidRequest(EngineError):
@@ -61,6 +67,21 @@ class SandboxService:
         self.stacks = stacks
         self._jobs: set[asyncio.Task[None]] = set()
         self._creates: dict[int, deque[float]] = defaultdict(deque)
+        self.lease = workers.WorkerLease(settings.database_url.get_secret_value())
+
+    async def start(self) -> None:
+        """Take this process's worker lease and learn the engine's instance id."""
+        await asyncio.to_thread(self.lease.acquire)
+        self.stacks.instance = await self.db(store.engine_instance)
+
+    async def close(self) -> None:
+        """Wait for running jobs, then give the lease up."""
+        await self.drain()
+        await asyncio.to_thread(self.lease.release)
+
+    @property
+    def worker(self) -> str:
+        return self.lease.id
 
     # --- database --------------------------------------------------------------------------
 
@@ -140,6 +161,7 @@ class SandboxService:
                 ttl_seconds=int(ttl.total_seconds()),
                 idempotency_key=request.idempotency_key,
                 metadata=request.metadata,
+                worker=self.worker,
             )
             store.add_event(conn, row.id, "state", "creating")
             return row
@@ -154,7 +176,9 @@ class SandboxService:
         await self.get(client, sandbox_id)
 
         def begin(conn: psycopg.Connection) -> SandboxRow:
-            row = store.transition(conn, sandbox_id, SandboxState.DESTROYING, reason=reason.value)
+            row = store.transition(
+                conn, sandbox_id, SandboxState.DESTROYING, reason=reason.value, worker=self.worker
+            )
             if row is None:
                 raise ConflictError(f"sandbox {sandbox_id} cannot be destroyed in its state")
             store.add_event(conn, sandbox_id, "state", f"destroying ({reason})")
@@ -191,30 +215,55 @@ class SandboxService:
             return updated
 
         result: SandboxRow = await self.db(apply)
+        workspace = (result.outputs or {}).get("workspace")
+        if result.state == SandboxState.RUNNING and workspace:
+            await asyncio.to_thread(
+                notify_terminal,
+                str(workspace),
+                f"Sandbox extended: it now expires at {expires:%H:%M:%S} UTC",
+            )
         return result
 
     async def reconcile(self) -> list[str]:
-        """At start: settle sandboxes an engine left mid-operation (killed or crashed).
+        """Settle sandboxes an engine process left mid-operation (killed or crashed); run at
+        start and on every reaper pass.
 
-        Policy: an interrupted create is failed and cleaned (its stack torn down, anything
-        labelled with it removed); an interrupted destroy is finished. Either way nothing of
-        the sandbox is left behind. Returns the sandbox ids settled.
+        Only sandboxes whose worker is dead are touched (``engine.workers``): a create or
+        destroy another live process is running is left alone. Policy: an interrupted create
+        or repair is failed and cleaned (its stack torn down, anything labelled with it
+        removed); an interrupted destroy is finished. Either way nothing of the sandbox is
+        left behind. Returns the sandbox ids settled.
         """
-        rows: list[SandboxRow] = await self.db(
-            store.list_sandboxes, owner_id=None, state=None, limit=100_000
-        )
-        stuck = [r for r in rows if r.state in ("creating", "destroying")]
+
+        def orphaned(conn: psycopg.Connection) -> list[SandboxRow]:
+            taken = []
+            for row in store.in_flight(conn):
+                if row.worker == self.worker:
+                    continue
+                if row.worker is not None and workers.is_alive(conn, row.worker):
+                    continue
+                mine = store.take_over(conn, row.id, dead=row.worker, worker=self.worker)
+                if mine is not None:
+                    taken.append(mine)
+            return taken
+
+        stuck: list[SandboxRow] = await self.db(orphaned)
         for row in stuck:
-            await self._event(row.id, "progress", "recovering after an engine restart")
+            log.warning("sandbox %s was left %s by a dead engine process", row.id, row.state)
+            await self._event(
+                row.id, "progress", f"recovering: its engine process died ({row.state})"
+            )
             try:
                 await asyncio.to_thread(self.stacks.recover, row.id)
             except Exception as exc:
                 log.warning("recovery of %s failed: %s", row.id, exc)
                 await self._force(row.id, SandboxState.FAILED, f"recovery failed: {exc}")
                 continue
-            if row.state == "creating":
+            if row.state in ("creating", "repairing"):
                 await self._force(
-                    row.id, SandboxState.FAILED, "the engine stopped during the create; cleaned up"
+                    row.id,
+                    SandboxState.FAILED,
+                    f"the engine stopped during the {row.state.removesuffix('ing')}; cleaned up",
                 )
             else:
                 final = (
@@ -224,6 +273,105 @@ class SandboxService:
                 )
                 await self._finish(row.id, final)
         return [r.id for r in stuck]
+
+    # --- expiry warnings, drift, orphans ---------------------------------------------------
+
+    async def warn_expiring(self, now: datetime, before: timedelta) -> list[str]:
+        """Warn running sandboxes that expire within ``before``: an ``expiry_warning`` event
+        and a message on every terminal attached to the workspace's tmux. Each warning is
+        claimed in the database, so of several engine processes one sends it."""
+        rows: list[SandboxRow] = await self.db(store.claim_warnings, now=now, before=before)
+        for row in rows:
+            left = max(0, int((row.expires_at - now).total_seconds()))
+            text = (
+                f"Sandbox expires at {row.expires_at:%H:%M:%S} UTC"
+                f" (in {format_duration_short(left)}): save your work"
+            )
+            await self._event(row.id, "expiry_warning", text)
+            workspace = (row.outputs or {}).get("workspace")
+            if workspace:
+                await asyncio.to_thread(notify_terminal, str(workspace), text)
+        return [r.id for r in rows]
+
+    async def check_drift(self) -> list[str]:
+        """Find running sandboxes with a container missing or stopped (removed by hand) and
+        start their repair. Returns the sandbox ids being repaired."""
+        rows: list[SandboxRow] = await self.db(
+            store.list_sandboxes, owner_id=None, state="running", limit=100_000
+        )
+        started = []
+        for row in rows:
+            declared = (row.outputs or {}).get("containers")
+            expected = [str(n) for n in declared.values()] if isinstance(declared, dict) else []
+            if not expected:
+                continue
+            states = await asyncio.to_thread(container_states, row.id)
+            broken = [n for n in expected if states.get(str(n)) not in HEALTHY]
+            if not broken:
+                continue
+            what = ", ".join(f"{n} ({states.get(str(n), 'missing')})" for n in broken)
+            claimed = await self.db(
+                store.transition, row.id, SandboxState.REPAIRING, worker=self.worker
+            )
+            if claimed is None:
+                continue  # destroyed, expired or being repaired meanwhile
+            await self._event(row.id, "repair", f"not as declared: {what}; repairing")
+            self._spawn(self._repair_job(row.id))
+            started.append(row.id)
+        return started
+
+    async def _repair_job(self, sandbox_id: str) -> None:
+        """Policy: recreate what is missing (refresh + up; volumes and files are kept), at
+        most MAX_REPAIRS times in a sandbox's life; past that, or if the repair fails, the
+        sandbox is failed (its resources stay until its TTL or a DELETE removes them)."""
+        repairs: int = await self.db(store.repairs_of, sandbox_id)
+        if repairs > MAX_REPAIRS:
+            await self._finish(
+                sandbox_id,
+                SandboxState.FAILED,
+                error=f"changed behind the engine's back {repairs} times; not repaired again",
+            )
+            return
+        try:
+            outputs = await asyncio.to_thread(
+                self.stacks.repair, sandbox_id, progress=self._progress(sandbox_id)
+            )
+        except Exception as exc:
+            log.warning("repair of %s failed: %s", sandbox_id, exc)
+            await self._finish(
+                sandbox_id, SandboxState.FAILED, error=f"repair failed: {str(exc)[:1900]}"
+            )
+            return
+        await self._finish(sandbox_id, SandboxState.RUNNING, outputs=outputs)
+
+    async def sweep_orphans(self) -> list[str]:
+        """Destroy what this engine made but no live sandbox owns: ``sbx-*`` stacks with no
+        row, and Docker objects labelled with this engine and a sandbox that has no row or is
+        destroyed/expired. Stacks and objects are listed before rows: a row is written before
+        its stack exists, so a sandbox being created is never taken for an orphan."""
+        if not self.stacks.instance:
+            return []
+        names = [s.name for s in await asyncio.to_thread(self.stacks.list)]
+        stack_ids = {n.removeprefix("sbx-") for n in names if not n.startswith("sbx-preview")}
+        objects: dict[str, list[str]] = await asyncio.to_thread(
+            engine_objects, self.stacks.instance
+        )
+        ids = sorted(stack_ids | set(objects))
+        if not ids:
+            return []
+        states: dict[str, str] = await self.db(store.states_of, ids)
+        orphans = [i for i in ids if states.get(i) in (None, "destroyed", "expired")]
+        for sid in orphans:
+            what = ([f"stack sbx-{sid}"] if sid in stack_ids else []) + objects.get(sid, [])
+            log.warning("orphaned (reason orphaned): %s; destroying", ", ".join(what))
+            try:
+                await asyncio.to_thread(self.stacks.recover, sid)
+            except Exception as exc:
+                log.warning("could not remove orphan %s: %s", sid, exc)
+                continue
+            if sid in states:
+                await self._event(sid, "orphan", f"removed (reason orphaned): {', '.join(what)}")
+        return orphans
 
     async def _force(self, sandbox_id: str, state: SandboxState, error: str) -> None:
         def apply(conn: psycopg.Connection) -> None:
@@ -319,3 +467,32 @@ class SandboxService:
         if len(window) >= self.settings.creates_per_minute:
             raise QuotaExceeded(f"more than {self.settings.creates_per_minute} creates a minute")
         window.append(now)
+
+
+def format_duration_short(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"
+
+
+# Shows a message on every tmux client of the workspace (the browser terminals), for 15 s.
+_TMUX_NOTICE = (
+    'for c in $(tmux list-clients -F "#{client_name}" 2>/dev/null); do'
+    ' tmux display-message -d 15000 -c "$c" "$1"; done'
+)
+
+
+def notify_terminal(workspace: str, message: str) -> bool:
+    """Best effort: a line on the terminals attached to the workspace. False when it could
+    not be shown (no container, no tmux server: nobody is attached)."""
+    client = docker.from_env(timeout=30)
+    try:
+        container = client.containers.get(workspace)
+        user = (container.attrs.get("Config") or {}).get("User") or "root"
+        result = container.exec_run(
+            ["sh", "-c", _TMUX_NOTICE, "sh", message.replace("#", "##")], user=user
+        )
+        return bool(result.exit_code == 0)
+    except docker.errors.DockerException as exc:
+        log.info("no terminal notice for %s: %s", workspace, exc)
+        return False
+    finally:
+        client.close()

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     secret_key: SecretStr = SecretStr("")
     # Seconds between reaper passes (expired sandboxes are destroyed); 0 turns it off.
     reap_interval: float = Field(default=15, ge=0, le=3600)
+    # Seconds before expiry a sandbox's terminals are warned (and an event is written); 0: never.
+    warn_before: float = Field(default=300, ge=0, le=86400)
+    # Seconds between orphan sweeps (stacks and labelled objects no live sandbox owns).
+    sweep_interval: float = Field(default=300, ge=1, le=86400)
     # Days destroyed sandboxes (rows and events) are kept for audit before they are pruned.
     retention_days: int = Field(default=30, ge=1, le=3650)
     # Address the API listens on.

@@ -25,6 +25,9 @@ L_SANDBOX = "io.sandbox-engine.sandbox"
 L_TEMPLATE = "io.sandbox-engine.template"
 L_OWNER = "io.sandbox-engine.owner"
 L_ROLE = "io.sandbox-engine.role"
+# The engine instance (engine_instance.id of its database) the sandbox belongs to: the orphan
+# sweep only ever removes objects of its own engine.
+L_ENGINE = "io.sandbox-engine.engine"
 # Honoured by the engine's docker provider: the container's process limit (docs/provider.md).
 L_PIDS_LIMIT = "io.sandbox-engine.pids-limit"
 
@@ -61,6 +64,7 @@ class SpecSettings:
     domain: str = "localhost"  # public ports are <id>-<port>.<domain>
     entrypoint: str = "web"  # Traefik entrypoint for public ports
     tls_resolver: str = ""  # Traefik certificate resolver; empty: plain HTTP
+    engine: str = ""  # engine instance id, labelled on every object; empty: no label
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         L_TEMPLATE: template.name,
         L_OWNER: request.owner,
     }
+    if settings.engine:
+        common[L_ENGINE] = settings.engine
 
     def labels(role: str, pids: int) -> dict[str, str]:
         return {**common, L_ROLE: role, L_PIDS_LIMIT: str(pids)}

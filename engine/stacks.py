@@ -25,7 +25,14 @@ from pulumi import automation as auto
 
 from engine.errors import ConflictError, NotFoundError, StackError
 from engine.settings import Settings
-from engine.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, L_SANDBOX, MANAGED_BY, stack_name
+from engine.spec import (
+    CLAUDE_AUTH_VOLUME,
+    L_ENGINE,
+    L_MANAGED,
+    L_SANDBOX,
+    MANAGED_BY,
+    stack_name,
+)
 from engine.templates import Template
 from engine.toolenv import pulumi_command, workspace_options
 
@@ -57,6 +64,9 @@ class StackManager:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.max_stack_operations)
+        # The engine instance id (engine_instance.id), labelled on every object; set by the
+        # service once it has the database. Empty: objects carry no engine label (previews).
+        self.instance = ""
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -111,6 +121,8 @@ class StackManager:
             "sandbox:templatesDir": auto.ConfigValue(str(templates_dir.resolve())),
             "sandbox:domain": auto.ConfigValue(self.settings.domain),
         }
+        if self.instance:
+            config["sandbox:engine"] = auto.ConfigValue(self.instance)
         if "postgres" in template.services:
             config["sandbox:servicePassword"] = auto.ConfigValue(
                 secrets.token_urlsafe(18), secret=True
@@ -267,6 +279,20 @@ class StackManager:
                 (self.settings.project_dir / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
         remove_labelled(sandbox_id)
 
+    def repair(self, sandbox_id: str, *, progress: Progress | None = None) -> dict[str, Any]:
+        """Bring a sandbox changed behind the engine's back (a container removed or stopped by
+        hand) back to its declared state: refresh, so the state sees what is gone, then up,
+        which recreates it. Volumes are untouched: the workspace's files survive."""
+        name = stack_name(sandbox_id)
+        with self._operation(name):
+            stack = self._stack(name, create=False)
+            try:
+                stack.refresh(on_event=self._progress(progress))
+                up = stack.up(on_event=self._progress(progress))
+            except auto.CommandError as exc:
+                raise StackError(_summarize(exc)) from exc
+            return {k: v.value for k, v in up.outputs.items()}
+
     def refresh(self, sandbox_id: str) -> dict[str, int]:
         name = stack_name(sandbox_id)
         with self._operation(name):
@@ -308,6 +334,41 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
     finally:
         client.close()
     return removed
+
+
+def engine_objects(instance: str) -> dict[str, list[str]]:
+    """Every container, network and volume labelled with this engine instance, by sandbox."""
+    found: dict[str, list[str]] = {}
+    selector = {"label": [f"{L_ENGINE}={instance}", L_SANDBOX]}
+    client = docker.from_env(timeout=60)
+    try:
+        for kind, items in (
+            ("container", client.containers.list(all=True, filters=selector)),
+            ("network", client.networks.list(filters=selector)),
+            ("volume", client.volumes.list(filters=selector)),
+        ):
+            for item in items:
+                labels = item.attrs.get("Labels") or item.attrs.get("Config", {}).get("Labels")
+                sid = (labels or {}).get(L_SANDBOX)
+                if sid:
+                    found.setdefault(sid, []).append(f"{kind} {item.name}")
+    finally:
+        client.close()
+    return found
+
+
+def container_states(sandbox_id: str) -> dict[str, str]:
+    """Name → Docker status (running, exited, restarting, …) of the sandbox's containers."""
+    client = docker.from_env(timeout=30)
+    try:
+        return {
+            c.name: c.status
+            for c in client.containers.list(
+                all=True, filters={"label": f"{L_SANDBOX}={sandbox_id}"}
+            )
+        }
+    finally:
+        client.close()
 
 
 def _counts(summary: Any) -> dict[str, int]:

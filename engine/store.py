@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 import psycopg
@@ -107,6 +107,7 @@ def ensure_first_admin(conn: psycopg.Connection) -> str | None:
 class SandboxState(StrEnum):
     CREATING = "creating"
     RUNNING = "running"
+    REPAIRING = "repairing"
     FAILED = "failed"
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
@@ -119,12 +120,16 @@ class DestroyReason(StrEnum):
     ORPHANED = "orphaned"
 
 
-LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING)
+LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.REPAIRING)
+# States in which an engine process is working on the sandbox's stack (``worker`` names it).
+IN_FLIGHT = (SandboxState.CREATING, SandboxState.REPAIRING, SandboxState.DESTROYING)
 # Which state may follow which; anything else is a conflict.
 TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
     # A create is not interrupted (its stack is busy): DELETE answers 409 until it settles.
     SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.FAILED),
-    SandboxState.RUNNING: (SandboxState.DESTROYING,),
+    SandboxState.RUNNING: (SandboxState.DESTROYING, SandboxState.REPAIRING),
+    # A repair (the stack brought back to its declared state) is not interrupted either.
+    SandboxState.REPAIRING: (SandboxState.RUNNING, SandboxState.FAILED),
     SandboxState.FAILED: (SandboxState.DESTROYING,),
     SandboxState.DESTROYING: (SandboxState.DESTROYED, SandboxState.EXPIRED, SandboxState.FAILED),
     SandboxState.DESTROYED: (),
@@ -145,11 +150,13 @@ class SandboxRow:
     outputs: dict[str, object] | None
     error: str | None
     metadata: dict[str, str]
+    worker: str | None = None
+    warned_for: datetime | None = None
 
 
-_SANDBOX_COLUMNS = (
+SANDBOX_COLUMNS = (
     "id, owner_id, template, state, reason, created_at, expires_at, destroyed_at, outputs, error,"
-    " metadata"
+    " metadata, worker, warned_for"
 )
 
 
@@ -162,14 +169,23 @@ def insert_sandbox(
     ttl_seconds: int,
     idempotency_key: str | None,
     metadata: dict[str, str] | None = None,
+    worker: str | None = None,
 ) -> SandboxRow:
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             "INSERT INTO sandboxes"
-            " (id, owner_id, template, state, expires_at, idempotency_key, metadata)"
-            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s, %s)"
-            f" RETURNING {_SANDBOX_COLUMNS}",
-            (sandbox_id, owner_id, template, ttl_seconds, idempotency_key, Jsonb(metadata or {})),
+            " (id, owner_id, template, state, expires_at, idempotency_key, metadata, worker)"
+            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s, %s, %s)"
+            f" RETURNING {SANDBOX_COLUMNS}",
+            (
+                sandbox_id,
+                owner_id,
+                template,
+                ttl_seconds,
+                idempotency_key,
+                Jsonb(metadata or {}),
+                worker,
+            ),
         )
         row = cur.fetchone()
     assert row is not None
@@ -178,15 +194,14 @@ def insert_sandbox(
 
 def get_sandbox(conn: psycopg.Connection, sandbox_id: str) -> SandboxRow | None:
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
-        cur.execute(f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE id = %s", (sandbox_id,))
+        cur.execute(f"SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = %s", (sandbox_id,))
         return cur.fetchone()
 
 
 def find_idempotent(conn: psycopg.Connection, *, owner_id: int, key: str) -> SandboxRow | None:
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
-            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes"
-            " WHERE owner_id = %s AND idempotency_key = %s",
+            f"SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = %s AND idempotency_key = %s",
             (owner_id, key),
         )
         return cur.fetchone()
@@ -198,7 +213,7 @@ def list_sandboxes(
     """Newest first; ``owner_id=None`` lists everyone's (admins)."""
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
-            f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes"
+            f"SELECT {SANDBOX_COLUMNS} FROM sandboxes"
             " WHERE (%(owner)s::bigint IS NULL OR owner_id = %(owner)s)"
             " AND (%(state)s::text IS NULL OR state = %(state)s)"
             " ORDER BY created_at DESC LIMIT %(limit)s",
@@ -209,7 +224,8 @@ def list_sandboxes(
 
 def count_live(conn: psycopg.Connection, *, owner_id: int) -> int:
     row = conn.execute(
-        "SELECT count(*) FROM sandboxes WHERE owner_id = %s AND state IN ('creating', 'running')",
+        "SELECT count(*) FROM sandboxes WHERE owner_id = %s"
+        " AND state IN ('creating', 'running', 'repairing')",
         (owner_id,),
     ).fetchone()
     return int(row[0]) if row else 0
@@ -223,25 +239,29 @@ def transition(
     reason: str | None = None,
     outputs: dict[str, object] | None = None,
     error: str | None = None,
+    worker: str | None = None,
 ) -> SandboxRow | None:
     """Move a sandbox to ``to`` if its current state allows it; None when it does not.
 
     One conditional UPDATE: it locks the row and checks the state in the same step, so of two
     requests racing to start a destroy exactly one moves the row (the other sees no row).
+    ``worker`` (the engine process taking on the operation) is recorded with the move.
     """
     allowed = [s.value for s, nexts in TRANSITIONS.items() if to in nexts]
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             "UPDATE sandboxes SET state = %(to)s,"
+            " worker = COALESCE(%(worker)s, worker),"
             " reason = COALESCE(%(reason)s, reason),"
             " outputs = COALESCE(%(outputs)s, outputs),"
             " error = COALESCE(%(error)s, error),"
             " destroyed_at = CASE WHEN %(to)s IN ('destroyed', 'expired') THEN now()"
             "   ELSE destroyed_at END"
             " WHERE id = %(id)s AND state = ANY(%(allowed)s)"
-            f" RETURNING {_SANDBOX_COLUMNS}",
+            f" RETURNING {SANDBOX_COLUMNS}",
             {
                 "to": to.value,
+                "worker": worker,
                 "reason": reason,
                 "error": error,
                 "id": sandbox_id,
@@ -256,8 +276,8 @@ def extend(conn: psycopg.Connection, sandbox_id: str, *, expires_at: datetime) -
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             "UPDATE sandboxes SET expires_at = %s"
-            " WHERE id = %s AND state IN ('creating', 'running')"
-            f" RETURNING {_SANDBOX_COLUMNS}",
+            " WHERE id = %s AND state IN ('creating', 'running', 'repairing')"
+            f" RETURNING {SANDBOX_COLUMNS}",
             (expires_at, sandbox_id),
         )
         return cur.fetchone()
@@ -314,3 +334,89 @@ def prune_destroyed(conn: psycopg.Connection, *, older_than_days: int) -> int:
         (older_than_days,),
     )
     return cur.rowcount
+
+
+def lock_expired(conn: psycopg.Connection, *, now: datetime, limit: int) -> list[SandboxRow]:
+    """Lock up to ``limit`` running or failed sandboxes past their expiry, skipping rows
+    another transaction holds (the reaper's claim)."""
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            f"SELECT {SANDBOX_COLUMNS} FROM sandboxes"
+            " WHERE state IN ('running', 'failed') AND expires_at <= %s"
+            " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (now, limit),
+        )
+        return cur.fetchall()
+
+
+def engine_instance(conn: psycopg.Connection) -> str:
+    """This engine's identity (made by the migrations), carried as a label by its objects."""
+    row = conn.execute("SELECT id FROM engine_instance").fetchone()
+    assert row is not None, "the engine_instance row is made by migration 0002"
+    return str(row[0])
+
+
+def should_warn(row: SandboxRow, now: datetime, before: timedelta) -> bool:
+    """Running, within ``before`` of its expiry, and not yet warned about this expiry (an
+    extension moves ``expires_at`` away from ``warned_for``: the old warning no longer counts)."""
+    return (
+        row.state == SandboxState.RUNNING
+        and now < row.expires_at <= now + before
+        and row.warned_for != row.expires_at
+    )
+
+
+def claim_warnings(
+    conn: psycopg.Connection, *, now: datetime, before: timedelta, limit: int = 50
+) -> list[SandboxRow]:
+    """Mark the sandboxes due an expiry warning as warned and return them: one UPDATE, so of
+    several engine processes exactly one sends each warning."""
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            "UPDATE sandboxes SET warned_for = expires_at WHERE id IN ("
+            " SELECT id FROM sandboxes WHERE state = 'running'"
+            " AND expires_at > %(now)s AND expires_at <= %(until)s"
+            " AND warned_for IS DISTINCT FROM expires_at"
+            " ORDER BY expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {SANDBOX_COLUMNS}",
+            {"now": now, "until": now + before, "limit": limit},
+        )
+        return [row for row in cur.fetchall() if row.expires_at <= now + before]
+
+
+def in_flight(conn: psycopg.Connection) -> list[SandboxRow]:
+    """Sandboxes some engine process is (or was, before it died) working on."""
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            f"SELECT {SANDBOX_COLUMNS} FROM sandboxes"
+            " WHERE state IN ('creating', 'repairing', 'destroying') ORDER BY created_at"
+        )
+        return cur.fetchall()
+
+
+def take_over(
+    conn: psycopg.Connection, sandbox_id: str, *, dead: str | None, worker: str
+) -> SandboxRow | None:
+    """Make ``worker`` the owner of an in-flight sandbox whose owner ``dead`` has died; None
+    when another process took it over first (or it settled meanwhile)."""
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            "UPDATE sandboxes SET worker = %s WHERE id = %s AND worker IS NOT DISTINCT FROM %s"
+            " AND state IN ('creating', 'repairing', 'destroying')"
+            f" RETURNING {SANDBOX_COLUMNS}",
+            (worker, sandbox_id, dead),
+        )
+        return cur.fetchone()
+
+
+def states_of(conn: psycopg.Connection, ids: list[str]) -> dict[str, str]:
+    rows = conn.execute("SELECT id, state FROM sandboxes WHERE id = ANY(%s)", (ids,)).fetchall()
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def repairs_of(conn: psycopg.Connection, sandbox_id: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM sandbox_events WHERE sandbox_id = %s AND kind = 'repair'",
+        (sandbox_id,),
+    ).fetchone()
+    return int(row[0]) if row else 0

@@ -22,6 +22,7 @@ spec = build_spec(
         domain=cfg.get("domain") or "localhost",
         entrypoint=cfg.get("entrypoint") or "web",
         tls_resolver=cfg.get("tlsResolver") or "",
+        engine=cfg.get("engine") or "",
     ),
 )
 password = cfg.require_secret("servicePassword") if "postgres" in template.services else None

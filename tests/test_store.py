@@ -22,7 +22,8 @@ from tests.conftest import ROOT
 
 
 def test_migrations_apply_once(database: str) -> None:
-    assert migrate(database) == ["0001_init"]
+    names = sorted(p.stem for p in (ROOT / "engine" / "migrations").glob("*.sql"))
+    assert migrate(database) == names
     assert migrate(database) == []
     with psycopg.connect(database) as conn:
         rows = conn.execute("SELECT version, name FROM schema_version").fetchall()
@@ -30,8 +31,8 @@ def test_migrations_apply_once(database: str) -> None:
             r[0]
             for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
         }
-    assert rows == [(1, "0001_init")]
-    assert {"api_clients", "sandboxes", "sandbox_events"} <= tables
+    assert rows == [(int(n[:4]), n) for n in names]
+    assert {"api_clients", "sandboxes", "sandbox_events", "engine_instance"} <= tables
 
 
 def test_keys_are_stored_hashed_and_revoked_at_once(database: str) -> None:
