@@ -150,3 +150,64 @@ def test_kill_during_create_and_during_destroy(
         body = http.get(f"/api/v1/sandboxes/{sid}").json()
         assert body["state"] == "destroyed", body
     _nothing_left(docker_client, settings, sid)
+
+
+def test_two_engine_processes_share_a_database(
+    database: str, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Two engines on one database: the second one starting (and reconciling) while the first
+    is creating leaves the first one's creates alone; then both reap, and each expired
+    sandbox is destroyed exactly once."""
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        _, key = create_client(conn, name="t", role=Role.MEMBER)
+    backend = f"file://{tmp_path}"
+    env = {
+        **os.environ,
+        "SANDBOX_DATABASE_URL": database,
+        "SANDBOX_PULUMI_BACKEND_URL": backend,
+        "SANDBOX_REAP_INTERVAL": "1",
+        "SANDBOX_WARN_BEFORE": "0",
+    }
+    first, second = Engine(env, tmp_path / "a.log"), Engine(env, tmp_path / "b.log")
+    ids: list[str] = []
+    try:
+        first.start()
+        with _http(first, key) as http:
+            for _ in range(3):
+                created = http.post(
+                    "/api/v1/sandboxes", json={"template": "backend-go", "ttl": "25s"}
+                )
+                assert created.status_code == 202, created.text
+                ids.append(created.json()["id"])
+        second.start()  # reconciles at start, while the first engine's creates run
+        deadline = time.monotonic() + 400
+        with psycopg.connect(database, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                states = dict(conn.execute("SELECT id, state FROM sandboxes").fetchall())
+                if all(s in ("expired", "failed", "destroyed") for s in states.values()):
+                    break
+                time.sleep(1)
+            rows = conn.execute("SELECT id, state, reason, error FROM sandboxes").fetchall()
+            claims = dict(
+                conn.execute(
+                    "SELECT sandbox_id, count(*) FROM sandbox_events"
+                    " WHERE kind = 'state' AND message = 'destroying (ttl)' GROUP BY sandbox_id"
+                ).fetchall()
+            )
+            recovered = conn.execute(
+                "SELECT count(*) FROM sandbox_events WHERE message LIKE 'recovering%'"
+            ).fetchone()
+        assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+            (i, "expired", "ttl") for i in ids
+        ), rows
+        assert claims == dict.fromkeys(ids, 1)
+        assert recovered == (0,)
+    finally:
+        first.stop()
+        second.stop()
+        for sid in ids:
+            remove_labelled(sid)
+    settings = Settings(database_url=database, pulumi_backend_url=backend)
+    for sid in ids:
+        _nothing_left(docker_client, settings, sid)
