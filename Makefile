@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image images run test lint format env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images edge run test lint format env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -41,10 +41,13 @@ base-image: ## the offline Debian base image (debootstrap + docker import)
 images: setup ## build the workspace and service images that changed
 	$(BIN)/sandbox-engine images build
 
-run: setup images ## set up, then run the service in the foreground
+edge: venv toolchain services ## start the local Traefik (API at api.<domain>, sandbox ports)
+	@$(BIN)/sandbox-engine edge start
+
+run: setup images edge ## set up, then run the service (behind the local Traefik) in the foreground
 	$(BIN)/sandbox-engine serve
 
-test: setup images lint ## set up, build the images that changed, lint, then run the tests
+test: setup images edge lint ## set up, build the images that changed, lint, then run the tests
 	$(BIN)/python -m pytest
 
 lint: venv ## ruff and mypy
@@ -62,7 +65,8 @@ env: venv ## print shell exports: eval "$$(make -s env)"
 doctor: venv ## a table of every component, OK or the fix; exit 1 when one is missing
 	@$(BIN)/sandbox-engine doctor
 
-stop: ## stop the project's PostgreSQL cluster (dockerd is shared and left running)
+stop: ## stop the local Traefik and the project's PostgreSQL cluster (dockerd is left running)
+	@if [ -x $(BIN)/sandbox-engine ]; then $(BIN)/sandbox-engine edge stop; fi
 	@deploy/local/postgres.sh stop
 
 clean: stop ## stop, then remove local state, the venv and the toolchain links (not the caches)

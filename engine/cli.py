@@ -275,6 +275,21 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.edge import Edge
+
+    edge = Edge(settings)
+    if args.edge_command == "start":
+        print(edge.start())
+    elif args.edge_command == "stop":
+        print("traefik stopped" if edge.stop() else "traefik was not running")
+    else:
+        up = edge.healthy()
+        print(f"traefik {'answers' if up else 'does not answer'} at {edge.url}")
+        return 0 if up else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandbox-engine",
@@ -287,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "env", help="print shell exports for pulumi, traefik and the project's database"
     ).set_defaults(func=_cmd_env)
+    edge = sub.add_parser("edge", help="the local Traefik in front of the API and sandboxes")
+    edge.add_argument("edge_command", choices=["start", "stop", "status"])
+    edge.set_defaults(func=_cmd_edge)
     images = sub.add_parser("images", help="workspace and service images")
     images_sub = images.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     build = images_sub.add_parser("build", help="build the images that changed, in order")

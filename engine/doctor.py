@@ -100,6 +100,39 @@ def check_traefik(settings: Settings) -> Check:
     return Check("traefik", True, first)
 
 
+def check_edge(settings: Settings) -> Check:
+    """The local Traefik answers, and the edge network isolates the workspaces on it."""
+    import docker
+
+    from engine.edge import Edge
+
+    edge = Edge(settings)
+    if not edge.healthy():
+        return Check(
+            "edge (traefik)",
+            False,
+            f"no answer on 127.0.0.1:{settings.edge_ping_port}/ping",
+            "make edge",
+        )
+    try:
+        client = docker.from_env(timeout=5)
+        network = client.networks.get(settings.edge_network)
+        client.close()
+    except Exception as exc:
+        return Check(
+            "edge (traefik)", False, f"network {settings.edge_network}: {exc}", "make edge"
+        )
+    icc = (network.attrs.get("Options") or {}).get("com.docker.network.bridge.enable_icc")
+    if icc != "false":
+        return Check(
+            "edge (traefik)",
+            False,
+            f"network {settings.edge_network} lets containers reach each other",
+            f"docker network rm {settings.edge_network} && make edge",
+        )
+    return Check("edge (traefik)", True, f"{edge.url}, network {settings.edge_network} isolated")
+
+
 def check_base_image() -> Check:
     import docker
 
@@ -147,6 +180,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_pulumi(settings),
         lambda: check_language_host(settings),
         lambda: check_traefik(settings),
+        lambda: check_edge(settings),
         check_base_image,
         lambda: check_docker_provider(settings),
         check_package,

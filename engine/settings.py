@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     # Address the API listens on.
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8000, ge=1, le=65535)
+    # Docker network Traefik reaches published workspaces on (inter-container traffic off).
+    edge_network: str = Field(default="sandbox-edge", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    # Traefik entrypoint of sandbox routes, and its certificate resolver (empty: plain HTTP).
+    entrypoint: str = Field(default="web", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    tls_resolver: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    # The local Traefik (make run): its HTTP port, and the port of its ping endpoint.
+    edge_host: str = "127.0.0.1"
+    edge_port: int = Field(default=8088, ge=1, le=65535)
+    edge_ping_port: int = Field(default=8089, ge=1, le=65535)
 
     @field_validator("database_url")
     @classmethod

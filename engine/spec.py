@@ -65,6 +65,7 @@ class SpecSettings:
     entrypoint: str = "web"  # Traefik entrypoint for public ports
     tls_resolver: str = ""  # Traefik certificate resolver; empty: plain HTTP
     engine: str = ""  # engine instance id, labelled on every object; empty: no label
+    edge_network: str = "sandbox-edge"  # network Traefik reaches published workspaces on
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class ContainerSpec:
     user: str = ""
     workdir: str = ""
     wait_healthy: bool = False
+    # Shared networks the container also joins (not the stack's): the edge network.
+    extra_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,10 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
             url = f"{scheme}://{host}"
             ws_labels.update(traefik_labels(prefix, e.container, host, settings))
         endpoints.append(Endpoint(e.container, e.public, url))
-    if any(e.public for e in template.expose):
+    published = any(e.public for e in template.expose)
+    if published:
         ws_labels["traefik.enable"] = "true"
+        ws_labels["traefik.docker.network"] = settings.edge_network
     workspace = ContainerSpec(
         key="workspace",
         name=f"{prefix}-workspace",
@@ -207,6 +212,7 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         aliases=("workspace",),
         user=ws.user,
         workdir=ws.workdir,
+        extra_networks=(settings.edge_network,) if published else (),
     )
     return SandboxSpec(
         sandbox_id=sid,

@@ -120,6 +120,9 @@ class StackManager:
             "sandbox:owner": auto.ConfigValue(owner),
             "sandbox:templatesDir": auto.ConfigValue(str(templates_dir.resolve())),
             "sandbox:domain": auto.ConfigValue(self.settings.domain),
+            "sandbox:entrypoint": auto.ConfigValue(self.settings.entrypoint),
+            "sandbox:tlsResolver": auto.ConfigValue(self.settings.tls_resolver),
+            "sandbox:edgeNetwork": auto.ConfigValue(self.settings.edge_network),
         }
         if self.instance:
             config["sandbox:engine"] = auto.ConfigValue(self.instance)
@@ -185,6 +188,8 @@ class StackManager:
                 self._configure(stack, template, sandbox_id, owner, templates_dir, env)
                 if template.claude_auth:
                     self._ensure_shared_volume()
+                if any(e.public for e in template.expose):
+                    ensure_edge_network(self.settings.edge_network)
                 up = stack.up(on_event=self._progress(progress))
             except auto.CommandError as exc:
                 self._teardown(stack)
@@ -334,6 +339,35 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
     finally:
         client.close()
     return removed
+
+
+def ensure_edge_network(name: str) -> None:
+    """The shared network Traefik reaches published workspaces on; made once, never part of a
+    stack. Inter-container communication is off on it: a workspace on it reaches no other
+    workspace (Traefik, on the host or in the host's network namespace, reaches them all)."""
+    client = docker.from_env(timeout=30)
+    try:
+        try:
+            network = client.networks.get(name)
+        except docker.errors.NotFound:
+            # Two creates racing to make it: the loser's 409 is fine, the network exists.
+            with contextlib.suppress(docker.errors.APIError):
+                client.networks.create(
+                    name,
+                    driver="bridge",
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                    labels={L_MANAGED: MANAGED_BY, "io.sandbox-engine.shared": "true"},
+                    check_duplicate=True,
+                )
+            network = client.networks.get(name)
+        icc = (network.attrs.get("Options") or {}).get("com.docker.network.bridge.enable_icc")
+        if icc != "false":
+            raise StackError(
+                f"network {name} exists with inter-container traffic on; remove it "
+                "(docker network rm) so the engine can make it isolated"
+            )
+    finally:
+        client.close()
 
 
 def engine_objects(instance: str) -> dict[str, list[str]]:

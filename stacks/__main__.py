@@ -23,6 +23,7 @@ spec = build_spec(
         entrypoint=cfg.get("entrypoint") or "web",
         tls_resolver=cfg.get("tlsResolver") or "",
         engine=cfg.get("engine") or "",
+        edge_network=cfg.get("edgeNetwork") or "sandbox-edge",
     ),
 )
 password = cfg.require_secret("servicePassword") if "postgres" in template.services else None

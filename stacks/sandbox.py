@@ -61,7 +61,10 @@ def declare(
             cpus=f"{c.cpus:g}",
             memory=c.memory_mb,
             networks_advanced=[
-                docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(c.aliases))
+                docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(c.aliases)),
+                # The edge network: Traefik reaches the workspace here; no alias, and
+                # inter-container traffic is off on it, so sandboxes cannot reach each other.
+                *(docker.ContainerNetworksAdvancedArgs(name=n) for n in c.extra_networks),
             ],
             volumes=[
                 docker.ContainerVolumeArgs(
