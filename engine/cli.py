@@ -259,12 +259,25 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from engine.migrate import migrate
     from engine.store import ensure_first_admin
 
+    # A fresh database (a first deploy) gets its schema before the first admin key is made.
+    migrate(settings.database_url.get_secret_value())
     with _connect(settings) as conn:
         first = ensure_first_admin(conn)
     if first:
-        print(f"First admin API key (shown once, keep it):\n{first}", flush=True)
+        # Never in a log (a container's output is one): a 0600 file for the operator to read.
+        from engine.toolenv import ensure_secret_file
+
+        path = settings.state_path / "first-admin-key"
+        path.unlink(missing_ok=True)
+        ensure_secret_file(path, first + "\n")
+        print(
+            f"First admin API key written to {path} (mode 0600): read it, keep it elsewhere, "
+            "delete the file",
+            flush=True,
+        )
 
     uvicorn.run(
         create_app(settings),

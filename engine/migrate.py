@@ -27,6 +27,9 @@ def pending(conn: psycopg.Connection, folder: Path = MIGRATIONS) -> list[Path]:
 
 def migrate(conninfo: str, folder: Path = MIGRATIONS) -> list[str]:
     """Apply every pending migration; return the names applied."""
+    if not any(folder.glob("*.sql")):
+        # An installation without its SQL files (package data) would run on no schema at all.
+        raise RuntimeError(f"no migrations in {folder}: the engine is installed incompletely")
     applied: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         return self.toolchain_bin or self.project_dir / ".toolchain" / "bin"
 
     @property
+    def stack_config_path(self) -> Path:
+        """Where stack config files live: Pulumi.yaml's ``stackConfigDir``."""
+        return self.project_dir / ".state" / "stacks"
+
+    @property
     def pulumi_home(self) -> Path:
         return self.state_path / "pulumi-home"
 

@@ -64,6 +64,7 @@ class StackManager:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.max_stack_operations)
+        settings.stack_config_path.mkdir(parents=True, exist_ok=True)
         # The engine instance id (engine_instance.id), labelled on every object; set by the
         # service once it has the database. Empty: objects carry no engine label (previews).
         self.instance = ""
@@ -249,7 +250,7 @@ class StackManager:
             except auto.CommandError as exc:
                 raise StackError(_summarize(exc)) from exc
             stack.workspace.remove_stack(name)
-            (self.settings.project_dir / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
+            (self.settings.stack_config_path / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
 
     def recover(self, sandbox_id: str) -> None:
         """Tear down a sandbox whose engine died mid-operation.
@@ -281,7 +282,7 @@ class StackManager:
                 except auto.CommandError as exc:
                     raise StackError(_summarize(exc)) from exc
                 stack.workspace.remove_stack(name, force=True)
-                (self.settings.project_dir / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
+                (self.settings.stack_config_path / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
         remove_labelled(sandbox_id)
 
     def repair(self, sandbox_id: str, *, progress: Progress | None = None) -> dict[str, Any]:

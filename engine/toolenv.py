@@ -18,13 +18,14 @@ from pulumi import automation as auto
 from engine.settings import Settings
 
 
-def ensure_secret_file(path: Path) -> Path:
-    """A random secret in ``path``, written once with mode 0600 and kept from then on."""
+def ensure_secret_file(path: Path, value: str | None = None) -> Path:
+    """A secret in ``path`` (``value``, or a random one), written once with mode 0600 and kept
+    from then on."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
+            fh.write(value if value is not None else secrets.token_urlsafe(32))
     return path
 
 

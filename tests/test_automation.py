@@ -101,7 +101,7 @@ def test_the_repository_is_a_pulumi_project(
         assert preview.change_summary.get("create") == 6, preview.change_summary
     finally:
         stack.workspace.remove_stack("sbx-projectcheck", force=True)
-        (ROOT / "Pulumi.sbx-projectcheck.yaml").unlink(missing_ok=True)
+        (ROOT / ".state" / "stacks" / "Pulumi.sbx-projectcheck.yaml").unlink(missing_ok=True)
 
 
 def test_missing_plugin_fails_without_download(

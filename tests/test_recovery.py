@@ -114,7 +114,7 @@ def _nothing_left(docker_client: docker.DockerClient, settings: Settings, sid: s
     assert not docker_client.networks.list(filters=selector)
     assert not docker_client.volumes.list(filters=selector)
     assert f"sbx-{sid}" not in {s.name for s in StackManager(settings).list()}
-    assert not (ROOT / f"Pulumi.sbx-{sid}.yaml").exists()
+    assert not (ROOT / ".state" / "stacks" / f"Pulumi.sbx-{sid}.yaml").exists()
 
 
 def test_kill_during_create_and_during_destroy(

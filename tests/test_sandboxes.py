@@ -79,7 +79,7 @@ def test_template_makes_a_working_sandbox(
         manager.destroy(sid)
     assert leftovers(docker_client, f"sbx-{sid}") == []
     assert docker_client.volumes.get(CLAUDE_AUTH_VOLUME), "claude-auth outlives the sandbox"
-    assert not (ROOT / f"Pulumi.sbx-{sid}.yaml").exists()
+    assert not (ROOT / ".state" / "stacks" / f"Pulumi.sbx-{sid}.yaml").exists()
 
 
 def test_two_sandboxes_created_at_once_both_run(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the engine needs on this host, only when something is missing.
+# Installs the Debian packages the engine needs on this host (docker-compose: for the
+# production deploy and its smoke test), only when something is missing.
 set -euo pipefail
 
 log() { printf '[packages] %s\n' "$*" >&2; }
@@ -9,6 +10,7 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v iptables >/dev/null || missing+=(iptables)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 
 if ((${#missing[@]} == 0)); then
 	log "all present"

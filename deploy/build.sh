@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the production images from this checkout, with nothing pulled from a registry:
+#   sandbox-engine:<tag>   the API, reaper and Pulumi toolchain (deploy/Dockerfile)
+#   sandbox-traefik:<tag>  Traefik from the toolchain (deploy/traefik/Dockerfile)
+# The tag is $SANDBOX_IMAGE_TAG (default: local). Needs `make setup` done (toolchain, base image).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[deploy] %s\n' "$*" >&2; }
+
+tag=${SANDBOX_IMAGE_TAG:-local}
+stage=deploy/.build
+for exe in pulumi pulumi-language-python pulumi-language-python-exec \
+	pulumi-resource-pulumi-python traefik; do
+	[[ -x .toolchain/bin/$exe ]] || { log ".toolchain/bin/$exe is missing: run make setup"; exit 1; }
+done
+start=$SECONDS
+rm -rf "$stage"
+mkdir -p "$stage/bin" "$stage/wheels"
+cp -L .toolchain/bin/* "$stage/bin/"
+log "wheels of the engine and its dependencies"
+.venv/bin/pip wheel --quiet --disable-pip-version-check --wheel-dir "$stage/wheels" .
+export DOCKER_BUILDKIT=0 # this dockerd has no BuildKit builder; the classic one is enough
+build() { # image, dockerfile, context: the build's output goes to a log, shown on failure
+	local out="$stage/build-${1%%:*}.log"
+	log "building $1"
+	docker build -f "$2" -t "$1" "$3" >"$out" 2>&1 || { tail -n 30 "$out" >&2; exit 1; }
+}
+build "sandbox-engine:$tag" deploy/Dockerfile .
+build "sandbox-traefik:$tag" deploy/traefik/Dockerfile "$stage"
+log "built in $((SECONDS - start))s: sandbox-engine:$tag, sandbox-traefik:$tag"
