@@ -89,6 +89,7 @@ EXPECTED = {
                     300,
                     **{
                         "traefik.enable": "true",
+                        "traefik.docker.network": "sandbox-edge",
                         "traefik.http.routers.sbx-abc123-8000.rule": (
                             "Host(`abc123-8000.sandbox.example.com`)"
                         ),
@@ -112,6 +113,7 @@ EXPECTED = {
                 aliases=("workspace",),
                 user="coder",
                 workdir="/home/coder/task",
+                extra_networks=("sandbox-edge",),
             ),
             ContainerSpec(
                 key="postgres",
@@ -176,3 +178,12 @@ def test_ids_and_domains_never_reach_a_rule_unchecked(
     template = load(FIXTURES / "minimal.yaml")
     with pytest.raises(ValueError, match=words):
         build_spec(template, SandboxRequest(sandbox_id), SpecSettings(domain=domain))
+
+
+def test_the_engine_label_marks_every_object_when_set() -> None:
+    template = load(FIXTURES / "full.yaml")
+    plain = build_spec(template, SandboxRequest("abc123"), SpecSettings())
+    assert "io.sandbox-engine.engine" not in plain.labels
+    spec = build_spec(template, SandboxRequest("abc123"), SpecSettings(engine="e1f2"))
+    assert spec.labels["io.sandbox-engine.engine"] == "e1f2"
+    assert all(c.labels["io.sandbox-engine.engine"] == "e1f2" for c in spec.containers)
