@@ -15,10 +15,12 @@ for exe in pulumi pulumi-language-python pulumi-language-python-exec \
 done
 start=$SECONDS
 rm -rf "$stage"
-mkdir -p "$stage/bin" "$stage/wheels"
+mkdir -p "$stage/bin" "$stage/wheels/deps" "$stage/wheels/app"
 cp -L .toolchain/bin/* "$stage/bin/"
 log "wheels of the engine and its dependencies"
-.venv/bin/pip wheel --quiet --disable-pip-version-check --wheel-dir "$stage/wheels" .
+.venv/bin/pip wheel --quiet --disable-pip-version-check --wheel-dir "$stage/wheels/deps" .
+# The engine's own wheel apart: the dependencies' image layer stays cached between builds.
+mv "$stage"/wheels/deps/sandbox_engine-*.whl "$stage/wheels/app/"
 export DOCKER_BUILDKIT=0 # this dockerd has no BuildKit builder; the classic one is enough
 build() { # image, dockerfile, context: the build's output goes to a log, shown on failure
 	local out="$stage/build-${1%%:*}.log"
