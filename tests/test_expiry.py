@@ -24,7 +24,10 @@ from engine.stacks import StackManager, remove_labelled
 from engine.store import Role, SandboxRow, create_client
 from engine.templates import find
 from tests.api_server import Terminal, serve
-from tests.conftest import TEST_LABEL
+from tests.conftest import ROOT, TEST_LABEL
+
+# A workspace-only template with port 8000 published (a sandbox in seconds).
+LIVE = ROOT / "tests" / "fixtures" / "live-templates"
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 FIVE_MIN = timedelta(minutes=5)
@@ -105,6 +108,7 @@ def reaping_api(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
         pulumi_backend_url=f"file://{tmp_path}",
         reap_interval=1,
         sweep_interval=2,
+        templates_dir=LIVE,
     )
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
@@ -160,7 +164,7 @@ def gone(docker_client: docker.DockerClient, settings: Settings, sid: str) -> No
 def test_terminals_are_warned_before_expiry(reaping_api: dict[str, Any]) -> None:
     api = reaping_api
     http: httpx.Client = api["http"]
-    sid = http.post("/api/v1/sandboxes", json={"template": "backend-go", "ttl": "30m"}).json()["id"]
+    sid = http.post("/api/v1/sandboxes", json={"template": "web", "ttl": "30m"}).json()["id"]
     wait_for(http, sid, ("running",))
     url = f"ws://{api['address']}/api/v1/ws/terminal/{sid}?token={api['key']}"
 
@@ -196,10 +200,10 @@ def test_a_workspace_removed_by_hand_is_repaired(
 ) -> None:
     api = reaping_api
     http: httpx.Client = api["http"]
-    sid = http.post("/api/v1/sandboxes", json={"template": "backend-go", "ttl": "30m"}).json()["id"]
+    sid = http.post("/api/v1/sandboxes", json={"template": "web", "ttl": "30m"}).json()["id"]
     body = wait_for(http, sid, ("running",))
     workspace = docker_client.containers.get(body["workspace"])
-    home = find(api["settings"].templates_path, "backend-go").workspace.workdir
+    home = find(api["settings"].templates_path, "web").workspace.workdir
     assert workspace.exec_run(["sh", "-c", f"echo kept > {home}/marker"]).exit_code == 0
     first_id = workspace.id
     workspace.remove(force=True)
@@ -232,6 +236,7 @@ def test_orphans_of_this_engine_are_swept_and_others_are_not(
         pulumi_backend_url=f"file://{tmp_path}",
         reap_interval=1,
         sweep_interval=1,
+        templates_dir=LIVE,
     )
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
@@ -246,9 +251,7 @@ def test_orphans_of_this_engine_are_swept_and_others_are_not(
     stacks = StackManager(settings)
     stacks.instance = instance
     lost = "orphan" + time.strftime("%H%M%S")
-    stacks.create(
-        find(settings.templates_path, "backend-go"), settings.templates_path, sandbox_id=lost
-    )
+    stacks.create(find(settings.templates_path, "web"), settings.templates_path, sandbox_id=lost)
     # 2. An object of a sandbox whose row says destroyed.
     labels = {L_MANAGED: MANAGED_BY, L_ENGINE: instance, L_SANDBOX: "done000001"}
     leaked = docker_client.volumes.create("sbx-done000001-home", labels=labels)

@@ -168,6 +168,7 @@ def test_two_engine_processes_share_a_database(
         "SANDBOX_PULUMI_BACKEND_URL": backend,
         "SANDBOX_REAP_INTERVAL": "1",
         "SANDBOX_WARN_BEFORE": "0",
+        "SANDBOX_TEMPLATES_DIR": str(ROOT / "tests" / "fixtures" / "live-templates"),
     }
     first, second = Engine(env, tmp_path / "a.log"), Engine(env, tmp_path / "b.log")
     ids: list[str] = []
@@ -175,9 +176,7 @@ def test_two_engine_processes_share_a_database(
         first.start()
         with _http(first, key) as http:
             for _ in range(3):
-                created = http.post(
-                    "/api/v1/sandboxes", json={"template": "backend-go", "ttl": "25s"}
-                )
+                created = http.post("/api/v1/sandboxes", json={"template": "web", "ttl": "15s"})
                 assert created.status_code == 202, created.text
                 ids.append(created.json()["id"])
         second.start()  # reconciles at start, while the first engine's creates run

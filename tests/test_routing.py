@@ -20,6 +20,10 @@ from engine.settings import Settings
 from engine.stacks import remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import serve
+from tests.conftest import ROOT
+
+# A workspace-only template with port 8000 published (a sandbox in seconds).
+LIVE = ROOT / "tests" / "fixtures" / "live-templates"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,9 @@ def edge(settings: Settings) -> Edge:
 
 @pytest.fixture
 def api(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    settings = Settings(database_url=database, pulumi_backend_url=f"file://{tmp_path}")
+    settings = Settings(
+        database_url=database, pulumi_backend_url=f"file://{tmp_path}", templates_dir=LIVE
+    )
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
         _, key = create_client(conn, name="t", role=Role.MEMBER)
@@ -94,7 +100,7 @@ def test_a_published_port_is_routed_by_host_and_only_by_host(
     edge: Edge, api: dict[str, Any], docker_client: docker.DockerClient, settings: Settings
 ) -> None:
     http: httpx.Client = api["http"]
-    first = running(http, "backend-python")
+    first = running(http, "web")
     sid = first["id"]
     host = f"{sid}-8000.{settings.domain}"
     assert first["endpoints"] == [{"port": 8000, "public": True, "url": f"http://{host}"}]
@@ -113,7 +119,7 @@ def test_a_published_port_is_routed_by_host_and_only_by_host(
     assert through_edge(edge, f"other-8000.{settings.domain}").status_code == 404
 
     # Another sandbox, also published (so also on the edge network), cannot reach it.
-    second = running(http, "backend-go")
+    second = running(http, "web")
     other = docker_client.containers.get(second["workspace"])
     workspace.reload()
     addresses = {
