@@ -73,7 +73,7 @@ def running(http: httpx.Client, template: str) -> dict[str, Any]:
 
 
 def through_edge(edge: Edge, host: str) -> httpx.Response:
-    return httpx.get(f"{edge.url}/", headers={"Host": host}, timeout=10)
+    return httpx.get(f"{edge.url}/", headers={"Host": host}, timeout=3)
 
 
 def wait_status(edge: Edge, host: str, status: int, timeout: float = 60) -> object:
