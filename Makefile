@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image images edge run test lint format env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images web edge run test lint format env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -41,13 +41,17 @@ base-image: ## the offline Debian base image (debootstrap + docker import)
 images: setup ## build the workspace and service images that changed
 	$(BIN)/sandbox-engine images build
 
+web: ## the browser UI (web/dist, served by the API at /), built when its sources changed
+	@deploy/local/web.sh
+
 edge: venv toolchain services ## start the local Traefik (API at api.<domain>, sandbox ports)
 	@$(BIN)/sandbox-engine edge start
 
-run: setup images edge ## set up, then run the service (behind the local Traefik) in the foreground
-	$(BIN)/sandbox-engine serve
+run: setup images edge web ## set up, then run the service (behind the local Traefik) in the foreground
+	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} $(BIN)/sandbox-engine serve
 
-test: setup images edge lint ## set up, build the images that changed, lint, then run the tests
+test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests
+	cd web && npm test --silent
 	$(BIN)/python -m pytest
 
 lint: venv ## ruff and mypy

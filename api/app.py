@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse
 from prometheus_client import CollectorRegistry, Counter
 from psycopg_pool import ConnectionPool
 
 from api import problems, redact, terminal
-from api.routes import keys, ops, sandboxes, templates
+from api.routes import access, keys, ops, sandboxes, templates
 from engine import tokens
 from engine.migrate import migrate
 from engine.reaper import Reaper
@@ -79,6 +81,36 @@ def create_app(settings: Settings) -> FastAPI:
         requests.labels(request.method, route, str(response.status_code)).inc()
         return response
 
-    for router in (ops.router, sandboxes.router, templates.router, keys.router, terminal.router):
+    for router in (
+        ops.router,
+        sandboxes.router,
+        templates.router,
+        keys.router,
+        access.router,
+        terminal.router,
+    ):
         app.include_router(router)
+    install_ui(app, settings.web_path)
     return app
+
+
+def install_ui(app: FastAPI, web: Path) -> None:
+    """The browser UI at ``/``: its files, and index.html for every other page path (the UI
+    routes itself: /sandboxes/<id>, /s/<token>…). Paths under /api stay the API's."""
+    root = web.resolve()
+
+    @app.get("/{path:path}", include_in_schema=False)
+    async def ui(path: str) -> Response:
+        if path == "api" or path.startswith("api/"):
+            return problems.problem(404, f"no API route /{path}")
+        index = root / "index.html"
+        if not index.is_file():
+            return problems.problem(503, f"the web UI is not built ({index} is missing): make web")
+        wanted = (root / path).resolve()
+        if path and wanted.is_file() and root in wanted.parents:
+            # Built assets have hashed names: cache them; index.html never.
+            cache = (
+                "public, max-age=31536000, immutable" if "/assets/" in f"/{path}" else "no-cache"
+            )
+            return FileResponse(wanted, headers={"Cache-Control": cache})
+        return FileResponse(index, headers={"Cache-Control": "no-cache"})

@@ -36,6 +36,7 @@ class SandboxPublic(BaseModel):
         "creating", "running", "repairing", "failed", "destroying", "destroyed", "expired"
     ]
     reason: str | None
+    owner: str | None = Field(default=None, description="name of the API key that made it")
     created_at: datetime
     expires_at: datetime
     destroyed_at: datetime | None = None
@@ -110,3 +111,14 @@ class Problem(BaseModel):
     status: int
     detail: str
     field: str | None = None
+
+
+class CandidateView(BaseModel):
+    """What a candidate's access token shows: its one sandbox, nothing else."""
+
+    id: str
+    template: str
+    state: str
+    expires_at: datetime
+    endpoints: list[dict[str, Any]]
+    terminal: str = Field(description="WebSocket path that this token opens")

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_stack_operations: int = Field(default=4, ge=1, le=64)
     # Folder holding the sandbox templates (*.yaml).
     templates_dir: Path | None = None
+    # The built web UI; default web/dist in the project.
+    web_dir: Path | None = None
     # Live sandboxes one API key may hold at once.
     max_live_sandboxes_per_key: int = Field(default=5, ge=1, le=10000)
     # Creates one API key may request per minute.
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
     # Traefik entrypoint of sandbox routes, and its certificate resolver (empty: plain HTTP).
     entrypoint: str = Field(default="web", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     tls_resolver: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    # Port in published URLs (http://<id>-<port>.<domain>:<public_port>); 0: the scheme's own
+    # (80/443, production). `make run` sets the local Traefik's port.
+    public_port: int = Field(default=0, ge=0, le=65535)
     # The local Traefik (make run): its HTTP port, and the port of its ping endpoint.
     edge_host: str = "127.0.0.1"
     edge_port: int = Field(default=8088, ge=1, le=65535)
@@ -97,6 +102,11 @@ class Settings(BaseSettings):
     @property
     def templates_path(self) -> Path:
         return self.templates_dir or self.project_dir / "templates"
+
+    @property
+    def web_path(self) -> Path:
+        """The built web UI (``make web``), served at ``/``."""
+        return self.web_dir or self.project_dir / "web" / "dist"
 
     @property
     def state_path(self) -> Path:

@@ -66,6 +66,7 @@ class SpecSettings:
     tls_resolver: str = ""  # Traefik certificate resolver; empty: plain HTTP
     engine: str = ""  # engine instance id, labelled on every object; empty: no label
     edge_network: str = "sandbox-edge"  # network Traefik reaches published workspaces on
+    public_port: int = 0  # port in published URLs; 0: the scheme's default
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,9 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         if e.public:
             host = f"{sid}-{e.container}.{settings.domain}"
             scheme = "https" if settings.tls_resolver else "http"
-            url = f"{scheme}://{host}"
+            url = f"{scheme}://{host}" + (
+                f":{settings.public_port}" if settings.public_port else ""
+            )
             ws_labels.update(traefik_labels(prefix, e.container, host, settings))
         endpoints.append(Endpoint(e.container, e.public, url))
     published = any(e.public for e in template.expose)

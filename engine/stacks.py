@@ -124,6 +124,7 @@ class StackManager:
             "sandbox:entrypoint": auto.ConfigValue(self.settings.entrypoint),
             "sandbox:tlsResolver": auto.ConfigValue(self.settings.tls_resolver),
             "sandbox:edgeNetwork": auto.ConfigValue(self.settings.edge_network),
+            "sandbox:publicPort": auto.ConfigValue(str(self.settings.public_port)),
         }
         if self.instance:
             config["sandbox:engine"] = auto.ConfigValue(self.instance)

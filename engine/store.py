@@ -152,11 +152,13 @@ class SandboxRow:
     metadata: dict[str, str]
     worker: str | None = None
     warned_for: datetime | None = None
+    owner: str | None = None  # the owning key's name
 
 
 SANDBOX_COLUMNS = (
     "id, owner_id, template, state, reason, created_at, expires_at, destroyed_at, outputs, error,"
-    " metadata, worker, warned_for"
+    " metadata, worker, warned_for,"
+    " (SELECT c.name FROM api_clients c WHERE c.id = sandboxes.owner_id) AS owner"
 )
 
 

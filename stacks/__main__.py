@@ -24,6 +24,7 @@ spec = build_spec(
         tls_resolver=cfg.get("tlsResolver") or "",
         engine=cfg.get("engine") or "",
         edge_network=cfg.get("edgeNetwork") or "sandbox-edge",
+        public_port=cfg.get_int("publicPort") or 0,
     ),
 )
 password = cfg.require_secret("servicePassword") if "postgres" in template.services else None

@@ -187,3 +187,13 @@ def test_the_engine_label_marks_every_object_when_set() -> None:
     spec = build_spec(template, SandboxRequest("abc123"), SpecSettings(engine="e1f2"))
     assert spec.labels["io.sandbox-engine.engine"] == "e1f2"
     assert all(c.labels["io.sandbox-engine.engine"] == "e1f2" for c in spec.containers)
+
+
+def test_published_urls_carry_a_non_default_port() -> None:
+    template = load(FIXTURES / "full.yaml")
+    local = build_spec(template, SandboxRequest("abc123"), SpecSettings(public_port=8088))
+    assert local.endpoints[0].url == "http://abc123-8000.localhost:8088"
+    tls = SpecSettings(domain="sandbox.example.com", tls_resolver="le")
+    assert build_spec(template, SandboxRequest("abc123"), tls).endpoints[0].url == (
+        "https://abc123-8000.sandbox.example.com"
+    )

@@ -28,6 +28,7 @@ def public(row: SandboxRow) -> SandboxPublic:
         template=row.template,
         state=row.state,
         reason=row.reason,
+        owner=row.owner,
         created_at=row.created_at,
         expires_at=row.expires_at,
         destroyed_at=row.destroyed_at,

@@ -11,6 +11,7 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v chromium >/dev/null || missing+=(chromium) # the UI's end-to-end test
 
 if ((${#missing[@]} == 0)); then
 	log "all present"

@@ -1,0 +1,33 @@
+"""/api/v1/access/{token}: what a candidate's access token opens (the ``/s/<token>`` page
+reads it). The token is the only credential; it shows one sandbox and nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from api.deps import ServiceDep
+from api.schemas import CandidateView
+from engine import store, tokens
+from engine.errors import NotFoundError
+
+router = APIRouter(prefix="/api/v1/access", tags=["access"])
+
+
+@router.get("/{token}", response_model=CandidateView, responses={404: {}})
+async def candidate_view(token: str, service: ServiceDep, request: Request) -> CandidateView:
+    sandbox_id = tokens.verify(request.app.state.secret_key, token)
+    row = await service.db(store.get_sandbox, sandbox_id) if sandbox_id else None
+    if row is None:
+        # One answer for a bad, expired or foreign token: nothing is learnt from it.
+        raise NotFoundError("this link is not valid (it may have expired)")
+    outputs: dict[str, Any] = row.outputs or {}
+    return CandidateView(
+        id=row.id,
+        template=row.template,
+        state=row.state,
+        expires_at=row.expires_at,
+        endpoints=outputs.get("endpoints", []),
+        terminal=f"/api/v1/ws/terminal/{row.id}?token={token}",
+    )

@@ -1,0 +1,153 @@
+// The engine's HTTP API, as the UI uses it. Errors are problem+json: `detail` is shown as is.
+
+export type Endpoint = { port: number; public: boolean; url: string };
+export type Sandbox = {
+  id: string;
+  template: string;
+  state: string;
+  reason: string | null;
+  owner: string | null;
+  created_at: string;
+  expires_at: string;
+  destroyed_at: string | null;
+  endpoints: Endpoint[];
+  workspace: string | null;
+  error: string | null;
+  links: Record<string, string>;
+};
+export type Template = {
+  name: string;
+  description: string;
+  base_image: string;
+  services: string[];
+  cpu_limit: number;
+  memory_limit: string;
+  pids_limit: number;
+  ttl: string;
+  max_ttl: string;
+  expose: { container: number; public: boolean }[];
+};
+export type Preview = {
+  template: string;
+  changes: { op: string; type: string; name: string; properties: string[] }[];
+  summary: Record<string, number>;
+};
+export type CandidateView = {
+  id: string;
+  template: string;
+  state: string;
+  expires_at: string;
+  endpoints: Endpoint[];
+  terminal: string;
+};
+export type SandboxEvent = { id: number; kind: string; message: string; at: string };
+
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+// The problem's detail (and the field it names), or the status line.
+export async function problemOf(response: Response): Promise<ApiError> {
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    if (body && typeof body.detail === "string") message = body.detail;
+    else if (body && typeof body.title === "string") message = body.title;
+  } catch {
+    // not JSON: keep the status line
+  }
+  return new ApiError(response.status, message);
+}
+
+export class Api {
+  constructor(readonly key: string) {}
+
+  private async call<T>(path: string, init: RequestInit = {}): Promise<T> {
+    const response = await fetch(path, {
+      ...init,
+      headers: { "X-API-Key": this.key, "Content-Type": "application/json", ...init.headers },
+    });
+    if (!response.ok) throw await problemOf(response);
+    return (response.status === 204 ? undefined : await response.json()) as T;
+  }
+
+  templates = () => this.call<Template[]>("/api/v1/templates");
+  preview = (name: string) =>
+    this.call<Preview>(`/api/v1/templates/${encodeURIComponent(name)}/preview`, { method: "POST" });
+  sandboxes = () => this.call<{ items: Sandbox[] }>("/api/v1/sandboxes").then((b) => b.items);
+  sandbox = (id: string) => this.call<Sandbox>(`/api/v1/sandboxes/${id}`);
+  create = (template: string, ttl: string | null) =>
+    this.call<Sandbox>("/api/v1/sandboxes", {
+      method: "POST",
+      body: JSON.stringify(ttl ? { template, ttl } : { template }),
+    });
+  extend = (id: string, ttl: string) =>
+    this.call<Sandbox>(`/api/v1/sandboxes/${id}/extend`, {
+      method: "POST",
+      body: JSON.stringify({ ttl }),
+    });
+  destroy = (id: string) => this.call<Sandbox>(`/api/v1/sandboxes/${id}`, { method: "DELETE" });
+  accessToken = (id: string) =>
+    this.call<{ token: string; url: string; expires_at: string }>(
+      `/api/v1/sandboxes/${id}/access-tokens`,
+      { method: "POST" },
+    );
+
+  // The sandbox's events (server-sent), until the stream ends or `signal` aborts.
+  async events(id: string, onEvent: (e: SandboxEvent) => void, signal: AbortSignal) {
+    const response = await fetch(`/api/v1/sandboxes/${id}/events`, {
+      headers: { "X-API-Key": this.key, Accept: "text/event-stream" },
+      signal,
+    });
+    if (!response.ok || !response.body) throw await problemOf(response);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let cut: number;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const parsed = parseEvent(buffer.slice(0, cut));
+        buffer = buffer.slice(cut + 2);
+        if (parsed) onEvent(parsed);
+      }
+    }
+  }
+}
+
+// One server-sent event block ("event: kind\ndata: {...}") into an event, or null.
+export function parseEvent(block: string): SandboxEvent | null {
+  let kind = "message";
+  let data = "";
+  let id = 0;
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event: ")) kind = line.slice(7);
+    else if (line.startsWith("data: ")) data += line.slice(6);
+    else if (line.startsWith("id: ")) id = Number(line.slice(4)) || 0;
+  }
+  if (!data) return null;
+  let message = data;
+  let at = "";
+  try {
+    const body = JSON.parse(data);
+    if (body && typeof body === "object") {
+      message = body.message ?? (body.state ? `state ${body.state}` : data);
+      at = body.at ?? "";
+    }
+  } catch {
+    // plain text data
+  }
+  return { id, kind, message, at };
+}
+
+export async function candidate(token: string): Promise<CandidateView> {
+  const response = await fetch(`/api/v1/access/${encodeURIComponent(token)}`);
+  if (!response.ok) throw await problemOf(response);
+  return response.json();
+}

@@ -1,0 +1,48 @@
+import { useEffect, useState } from "react";
+import { Api, Sandbox } from "../api";
+import { ExpiryBanner } from "./ExpiryBanner";
+import { Terminal } from "./Terminal";
+
+export function SandboxPage({ api, id }: { api: Api; id: string }) {
+  const [sandbox, setSandbox] = useState<Sandbox | null>(null);
+  const [error, setError] = useState<string | null>(null);
+
+  useEffect(() => {
+    let live = true;
+    const load = () =>
+      api.sandbox(id).then(
+        (s) => live && setSandbox(s),
+        (err: Error) => live && setError(err.message),
+      );
+    load();
+    const timer = window.setInterval(load, 5000);
+    return () => {
+      live = false;
+      window.clearInterval(timer);
+    };
+  }, [api, id]);
+
+  if (error) return <p role="alert" className="error page">{error}</p>;
+  if (!sandbox) return <p className="muted page">Loading sandbox {id}…</p>;
+  return (
+    <main className="sandbox-page">
+      <div className="sandbox-head">
+        <h2>
+          {sandbox.id} <span className={`state ${sandbox.state}`}>{sandbox.state}</span>
+        </h2>
+        <span className="muted">{sandbox.template}</span>
+        {sandbox.endpoints
+          .filter((e) => e.public && e.url)
+          .map((e) => (
+            <a key={e.port} href={e.url} target="_blank" rel="noreferrer">
+              {e.url}
+            </a>
+          ))}
+      </div>
+      <ExpiryBanner until={sandbox.expires_at} state={sandbox.state} />
+      {sandbox.state === "creating" && <p className="muted">The sandbox is starting…</p>}
+      {sandbox.state === "running" && <Terminal path={`/api/v1/ws/terminal/${id}?token=${encodeURIComponent(api.key)}`} />}
+      {sandbox.state === "failed" && <p className="error">{sandbox.error}</p>}
+    </main>
+  );
+}
