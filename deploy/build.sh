@@ -13,6 +13,19 @@ for exe in pulumi pulumi-language-python pulumi-language-python-exec \
 	pulumi-resource-pulumi-python traefik; do
 	[[ -x .toolchain/bin/$exe ]] || { log ".toolchain/bin/$exe is missing: run make setup"; exit 1; }
 done
+# What the images are made of; an image already built from exactly this is kept.
+inputs=$({
+	find engine api stacks templates -type f -not -path '*/__pycache__/*' | sort | xargs sha256sum
+	sha256sum Pulumi.yaml pyproject.toml deploy/Dockerfile deploy/traefik/Dockerfile .dockerignore
+	readlink -f .toolchain/bin/*
+	docker image inspect -f '{{.Id}}' sandbox-base:bookworm
+} | sha256sum | cut -c1-16)
+label=io.sandbox-engine.build-hash
+current() { docker image inspect -f "{{index .Config.Labels \"$label\"}}" "$1" 2>/dev/null || true; }
+if [[ $(current "sandbox-engine:$tag") == "$inputs" && $(current "sandbox-traefik:$tag") == "$inputs" ]]; then
+	log "sandbox-engine:$tag and sandbox-traefik:$tag are up to date"
+	exit 0
+fi
 start=$SECONDS
 rm -rf "$stage"
 mkdir -p "$stage/bin" "$stage/wheels/deps" "$stage/wheels/app"
@@ -25,7 +38,8 @@ export DOCKER_BUILDKIT=0 # this dockerd has no BuildKit builder; the classic one
 build() { # image, dockerfile, context: the build's output goes to a log, shown on failure
 	local out="$stage/build-${1%%:*}.log"
 	log "building $1"
-	docker build -f "$2" -t "$1" "$3" >"$out" 2>&1 || { tail -n 30 "$out" >&2; exit 1; }
+	docker build --label "$label=$inputs" -f "$2" -t "$1" "$3" >"$out" 2>&1 ||
+		{ tail -n 30 "$out" >&2; exit 1; }
 }
 build "sandbox-engine:$tag" deploy/Dockerfile .
 build "sandbox-traefik:$tag" deploy/traefik/Dockerfile "$stage"

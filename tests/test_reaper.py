@@ -19,6 +19,7 @@ from engine.settings import Settings
 from engine.stacks import StackManager
 from engine.store import Role, SandboxRow, create_client
 from tests.api_server import serve
+from tests.conftest import ROOT
 from tests.provider_helpers import leftovers
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -95,7 +96,10 @@ def test_two_reapers_claim_each_sandbox_exactly_once(database: str) -> None:
 @pytest.fixture
 def reaping_api(database: str, tmp_path: Any) -> Iterator[dict[str, Any]]:
     settings = Settings(
-        database_url=database, pulumi_backend_url=f"file://{tmp_path}", reap_interval=1
+        database_url=database,
+        pulumi_backend_url=f"file://{tmp_path}",
+        reap_interval=1,
+        templates_dir=ROOT / "tests" / "fixtures" / "live-templates",  # a workspace-only one
     )
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
@@ -111,9 +115,7 @@ def test_a_ten_second_sandbox_expires(
     with httpx.Client(
         base_url=f"http://{api['address']}", timeout=60, headers={"X-API-Key": api["key"]}
     ) as http:
-        sid = http.post("/api/v1/sandboxes", json={"template": "backend-go", "ttl": "10s"}).json()[
-            "id"
-        ]
+        sid = http.post("/api/v1/sandboxes", json={"template": "web", "ttl": "10s"}).json()["id"]
         deadline = time.monotonic() + 180
         body: dict[str, Any] = {}
         while time.monotonic() < deadline:
