@@ -210,7 +210,7 @@ function TemplateCard({ api, template: t, onCreated }: { api: Api; template: Tem
   );
 }
 
-function SandboxTable({
+export function SandboxTable({
   api,
   sandboxes,
   onChange,
