@@ -50,9 +50,11 @@ edge: venv toolchain services ## start the local Traefik (API at api.<domain>, s
 run: setup images edge web ## set up, then run the service (behind the local Traefik) in the foreground
 	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} $(BIN)/sandbox-engine serve
 
+TEST_WORKERS ?= 2
+
 test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests
 	cd web && npm test --silent
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv ## ruff and mypy
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import psycopg
 import pytest
 from pulumi import automation as auto
@@ -34,16 +35,38 @@ def docker_client() -> Iterator[docker.DockerClient]:
     except Exception as exc:
         pytest.fail(f"dockerd is not reachable ({exc}); start it with deploy/local/dockerd.sh")
     yield client
-    leftovers = [
-        *(
-            f"container {c.name}"
-            for c in client.containers.list(all=True, filters={"label": TEST_LABEL})
-        ),
-        *(f"network {n.name}" for n in client.networks.list(filters={"label": TEST_LABEL})),
-        *(f"volume {v.name}" for v in client.volumes.list(filters={"label": TEST_LABEL})),
-    ]
     client.close()
-    assert not leftovers, f"tests left Docker objects behind: {leftovers}"
+
+
+def _leftovers() -> list[str]:
+    client = docker.from_env(timeout=30)
+    try:
+        return [
+            *(
+                f"container {c.name}"
+                for c in client.containers.list(all=True, filters={"label": TEST_LABEL})
+            ),
+            *(f"network {n.name}" for n in client.networks.list(filters={"label": TEST_LABEL})),
+            *(f"volume {v.name}" for v in client.volumes.list(filters={"label": TEST_LABEL})),
+        ]
+    finally:
+        client.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run ends by checking no test left a Docker object behind. With pytest-xdist this
+    runs once, in the controller, after every worker has finished."""
+    if hasattr(session.config, "workerinput"):
+        return
+    try:
+        left = _leftovers()
+    except docker.errors.DockerException:
+        return  # no dockerd: the tests that needed it have failed naming it
+    if left:
+        session.config.get_terminal_writer().line(
+            f"FAILED: tests left Docker objects behind: {left}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

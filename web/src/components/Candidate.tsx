@@ -25,6 +25,18 @@ export function Candidate({ token }: { token: string }) {
   return (
     <main className="candidate">
       <ExpiryBanner until={view.expires_at} state={view.state} />
+      {view.endpoints.some((e) => e.public && e.url) && (
+        <p className="published">
+          Published:{" "}
+          {view.endpoints
+            .filter((e) => e.public && e.url)
+            .map((e) => (
+              <a key={e.port} href={e.url} target="_blank" rel="noreferrer">
+                {e.url}
+              </a>
+            ))}
+        </p>
+      )}
       {view.state === "running" ? (
         <Terminal path={view.terminal} />
       ) : (
