@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image images web edge run test lint format env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images web edge run test bench lint format env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ TEST_WORKERS ?= 2
 test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests
 	cd web && npm test --silent
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+bench: setup images edge ## benchmarks against raw Docker (QUICK=1 for a short run); results in .bench/
+	QUICK=$(QUICK) $(BIN)/python -m tests.bench.run
 
 lint: venv ## ruff and mypy
 	$(BIN)/ruff check .
