@@ -37,6 +37,8 @@ MAX_ENV_VALUE = 4096
 MAX_REPAIRS = 3
 # Container states that need no repair ("restarting": Docker's restart policy is at work).
 HEALTHY = ("running", "restarting")
+# The operation an in-flight state stands for, in messages.
+INTERRUPTED = {"creating": "create", "repairing": "repair", "destroying": "destroy"}
 
 
 class InvalidRequest(EngineError):
@@ -263,7 +265,7 @@ class SandboxService:
                 await self._force(
                     row.id,
                     SandboxState.FAILED,
-                    f"the engine stopped during the {row.state.removesuffix('ing')}; cleaned up",
+                    f"the engine stopped during the {INTERRUPTED[row.state]}; cleaned up",
                 )
             else:
                 final = (
@@ -306,10 +308,10 @@ class SandboxService:
             if not expected:
                 continue
             states = await asyncio.to_thread(container_states, row.id)
-            broken = [n for n in expected if states.get(str(n)) not in HEALTHY]
+            broken = [n for n in expected if states.get(n) not in HEALTHY]
             if not broken:
                 continue
-            what = ", ".join(f"{n} ({states.get(str(n), 'missing')})" for n in broken)
+            what = ", ".join(f"{n} ({states.get(n, 'missing')})" for n in broken)
             claimed = await self.db(
                 store.transition, row.id, SandboxState.REPAIRING, worker=self.worker
             )

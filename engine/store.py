@@ -120,9 +120,13 @@ class DestroyReason(StrEnum):
     ORPHANED = "orphaned"
 
 
-LIVE_STATES = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.REPAIRING)
+LIVE_STATES = [
+    s.value for s in (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.REPAIRING)
+]
 # States in which an engine process is working on the sandbox's stack (``worker`` names it).
-IN_FLIGHT = (SandboxState.CREATING, SandboxState.REPAIRING, SandboxState.DESTROYING)
+IN_FLIGHT = [
+    s.value for s in (SandboxState.CREATING, SandboxState.REPAIRING, SandboxState.DESTROYING)
+]
 # Which state may follow which; anything else is a conflict.
 TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
     # A create is not interrupted (its stack is busy): DELETE answers 409 until it settles.
@@ -226,9 +230,8 @@ def list_sandboxes(
 
 def count_live(conn: psycopg.Connection, *, owner_id: int) -> int:
     row = conn.execute(
-        "SELECT count(*) FROM sandboxes WHERE owner_id = %s"
-        " AND state IN ('creating', 'running', 'repairing')",
-        (owner_id,),
+        "SELECT count(*) FROM sandboxes WHERE owner_id = %s AND state = ANY(%s)",
+        (owner_id, LIVE_STATES),
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -278,9 +281,8 @@ def extend(conn: psycopg.Connection, sandbox_id: str, *, expires_at: datetime) -
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             "UPDATE sandboxes SET expires_at = %s"
-            " WHERE id = %s AND state IN ('creating', 'running', 'repairing')"
-            f" RETURNING {SANDBOX_COLUMNS}",
-            (expires_at, sandbox_id),
+            f" WHERE id = %s AND state = ANY(%s) RETURNING {SANDBOX_COLUMNS}",
+            (expires_at, sandbox_id, LIVE_STATES),
         )
         return cur.fetchone()
 
@@ -383,15 +385,15 @@ def claim_warnings(
             f" RETURNING {SANDBOX_COLUMNS}",
             {"now": now, "until": now + before, "limit": limit},
         )
-        return [row for row in cur.fetchall() if row.expires_at <= now + before]
+        return cur.fetchall()
 
 
 def in_flight(conn: psycopg.Connection) -> list[SandboxRow]:
     """Sandboxes some engine process is (or was, before it died) working on."""
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
-            f"SELECT {SANDBOX_COLUMNS} FROM sandboxes"
-            " WHERE state IN ('creating', 'repairing', 'destroying') ORDER BY created_at"
+            f"SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = ANY(%s) ORDER BY created_at",
+            (IN_FLIGHT,),
         )
         return cur.fetchall()
 
@@ -404,9 +406,8 @@ def take_over(
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             "UPDATE sandboxes SET worker = %s WHERE id = %s AND worker IS NOT DISTINCT FROM %s"
-            " AND state IN ('creating', 'repairing', 'destroying')"
-            f" RETURNING {SANDBOX_COLUMNS}",
-            (worker, sandbox_id, dead),
+            f" AND state = ANY(%s) RETURNING {SANDBOX_COLUMNS}",
+            (worker, sandbox_id, dead, IN_FLIGHT),
         )
         return cur.fetchone()
 

@@ -21,33 +21,16 @@ from engine.migrate import migrate
 from engine.settings import Settings
 from engine.spec import L_ENGINE, L_MANAGED, L_SANDBOX, MANAGED_BY
 from engine.stacks import StackManager, remove_labelled
-from engine.store import Role, SandboxRow, create_client
+from engine.store import Role, create_client
 from engine.templates import find
 from tests.api_server import Terminal, serve
 from tests.conftest import ROOT, TEST_LABEL
+from tests.test_reaper import NOW, row
 
 # A workspace-only template with port 8000 published (a sandbox in seconds).
 LIVE = ROOT / "tests" / "fixtures" / "live-templates"
 
-NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 FIVE_MIN = timedelta(minutes=5)
-
-
-def row(state: str, expires_in: float, warned_for: datetime | None = None) -> SandboxRow:
-    return SandboxRow(
-        id="abc123",
-        owner_id=1,
-        template="t",
-        state=state,
-        reason=None,
-        created_at=NOW - timedelta(hours=1),
-        expires_at=NOW + timedelta(seconds=expires_in),
-        destroyed_at=None,
-        outputs=None,
-        error=None,
-        metadata={},
-        warned_for=warned_for,
-    )
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ from tests.provider_helpers import leftovers
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def row(state: str, expires_in: int) -> SandboxRow:
+def row(state: str, expires_in: float, warned_for: datetime | None = None) -> SandboxRow:
+    """A sandbox row at the fixed time NOW, expiring ``expires_in`` seconds after it."""
     return SandboxRow(
         id="abc123",
         owner_id=1,
@@ -38,6 +39,7 @@ def row(state: str, expires_in: int) -> SandboxRow:
         outputs=None,
         error=None,
         metadata={},
+        warned_for=warned_for,
     )
 
 

@@ -66,8 +66,9 @@ class Engine:
             self.proc.wait(timeout=600)
 
 
-@pytest.fixture
-def engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def prepare(database: str, tmp_path: Path, **settings: str) -> tuple[str, str, dict[str, str]]:
+    """A migrated database with a member key, a file backend in ``tmp_path``, and the
+    environment an engine process runs with: (key, backend URL, env)."""
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
         _, key = create_client(conn, name="t", role=Role.MEMBER)
@@ -76,8 +77,14 @@ def engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
         **os.environ,
         "SANDBOX_DATABASE_URL": database,
         "SANDBOX_PULUMI_BACKEND_URL": backend,
-        "SANDBOX_REAP_INTERVAL": "0",
+        **settings,
     }
+    return key, backend, env
+
+
+@pytest.fixture
+def engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    key, backend, env = prepare(database, tmp_path, SANDBOX_REAP_INTERVAL="0")
     process = Engine(env, tmp_path / "engine.log")
     yield {"engine": process, "key": key, "backend": backend}
     process.stop()
@@ -132,7 +139,7 @@ def test_kill_during_create_and_during_destroy(
     proc.start()
     with _http(proc, engine["key"]) as http:
         body = http.get(f"/api/v1/sandboxes/{sid}").json()
-        assert body["state"] == "failed" and "cleaned up" in body["error"], body
+        assert body["state"] == "failed" and "during the create; cleaned up" in body["error"], body
     _nothing_left(docker_client, settings, sid)
 
     # 2. Killed while a running sandbox is being destroyed.
@@ -158,18 +165,13 @@ def test_two_engine_processes_share_a_database(
     """Two engines on one database: the second one starting (and reconciling) while the first
     is creating leaves the first one's creates alone; then both reap, and each expired
     sandbox is destroyed exactly once."""
-    migrate(database)
-    with psycopg.connect(database, autocommit=True) as conn:
-        _, key = create_client(conn, name="t", role=Role.MEMBER)
-    backend = f"file://{tmp_path}"
-    env = {
-        **os.environ,
-        "SANDBOX_DATABASE_URL": database,
-        "SANDBOX_PULUMI_BACKEND_URL": backend,
-        "SANDBOX_REAP_INTERVAL": "1",
-        "SANDBOX_WARN_BEFORE": "0",
-        "SANDBOX_TEMPLATES_DIR": str(ROOT / "tests" / "fixtures" / "live-templates"),
-    }
+    key, backend, env = prepare(
+        database,
+        tmp_path,
+        SANDBOX_REAP_INTERVAL="1",
+        SANDBOX_WARN_BEFORE="0",
+        SANDBOX_TEMPLATES_DIR=str(ROOT / "tests" / "fixtures" / "live-templates"),
+    )
     first, second = Engine(env, tmp_path / "a.log"), Engine(env, tmp_path / "b.log")
     ids: list[str] = []
     try:
