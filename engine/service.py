@@ -308,6 +308,8 @@ class SandboxService:
             if not expected:
                 continue
             states = await asyncio.to_thread(container_states, row.id)
+            if any(states.get(n) == "removing" for n in expected):
+                continue  # Docker is still removing it: repair once it is gone (next pass)
             broken = [n for n in expected if states.get(n) not in HEALTHY]
             if not broken:
                 continue
