@@ -33,10 +33,19 @@ class SandboxPublic(BaseModel):
     id: str
     template: str
     state: Literal[
-        "creating", "running", "repairing", "failed", "destroying", "destroyed", "expired"
+        "creating",
+        "pooled",
+        "running",
+        "repairing",
+        "failed",
+        "destroying",
+        "destroyed",
+        "expired",
     ]
     reason: str | None
-    owner: str | None = Field(default=None, description="name of the API key that made it")
+    owner: str | None = Field(
+        default=None, description="name of the API key that made it; none for a pool sandbox"
+    )
     created_at: datetime
     expires_at: datetime
     destroyed_at: datetime | None = None

@@ -30,30 +30,34 @@ Clock = Callable[[], datetime]
 
 
 def should_reap(row: SandboxRow, now: datetime) -> bool:
-    """Running (or failed) and past its expiry. A sandbox still being created is left to its
-    create job (its stack is busy); it is reaped on the first pass after it settles."""
-    return row.state in ("running", "failed") and row.expires_at <= now
+    """Running (or failed, or pooled: a pool sandbox's expiry is its maximum age) and past its
+    expiry. A sandbox still being created is left to its create job (its stack is busy); it is
+    reaped on the first pass after it settles."""
+    return row.state in ("running", "failed", "pooled") and row.expires_at <= now
+
+
+def reap_reason(row: SandboxRow) -> DestroyReason:
+    """Why an expired sandbox is destroyed: its TTL ran out, or it aged out of the pool."""
+    return DestroyReason.RECYCLED if row.state == "pooled" else DestroyReason.TTL
 
 
 def claim_expired(
     conn: psycopg.Connection, *, now: datetime, limit: int, worker: str | None = None
 ) -> list[SandboxRow]:
     """Claim up to ``limit`` expired sandboxes: lock them (skipping rows another process holds),
-    then mark them ``destroying`` with reason ttl, in the caller's transaction."""
+    then mark them ``destroying`` with reason ttl (recycled for pool sandboxes), in the
+    caller's transaction."""
     candidates = [
         row for row in store.lock_expired(conn, now=now, limit=limit) if should_reap(row, now)
     ]
     claimed = []
     for row in candidates:
+        reason = reap_reason(row)
         moved = store.transition(
-            conn,
-            row.id,
-            store.SandboxState.DESTROYING,
-            reason=DestroyReason.TTL.value,
-            worker=worker,
+            conn, row.id, store.SandboxState.DESTROYING, reason=reason.value, worker=worker
         )
         if moved is not None:
-            store.add_event(conn, row.id, "state", "destroying (ttl)")
+            store.add_event(conn, row.id, "state", f"destroying ({reason})")
             claimed.append(moved)
     return claimed
 
@@ -83,11 +87,12 @@ class Reaper:
         )
         for row in claimed:
             log.info("sandbox %s expired at %s: destroying", row.id, row.expires_at)
-            self.service.start_destroy(row.id, DestroyReason.TTL)
+            self.service.start_destroy(row.id, DestroyReason(row.reason or "ttl"))
         if settings.warn_before > 0:
             before = timedelta(seconds=settings.warn_before)
             await self._step("warnings", self.service.warn_expiring(now, before))
         await self._step("drift", self.service.check_drift())
+        await self._step("pool", self.service.refill_pool())
         mono = time.monotonic()
         if self._last_sweep is None or mono - self._last_sweep >= settings.sweep_interval:
             self._last_sweep = mono

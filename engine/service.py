@@ -26,7 +26,7 @@ from engine.errors import ConflictError, EngineError, NotFoundError
 from engine.settings import Settings
 from engine.stacks import StackManager, container_states, engine_objects
 from engine.store import Client, DestroyReason, SandboxRow, SandboxState
-from engine.templates import Template, find
+from engine.templates import Template, find, load_all
 from engine.units import format_duration, parse_duration
 
 log = logging.getLogger("sandbox_engine.service")
@@ -37,6 +37,10 @@ MAX_ENV_VALUE = 4096
 MAX_REPAIRS = 3
 # Container states that need no repair ("restarting": Docker's restart policy is at work).
 HEALTHY = ("running", "restarting")
+# Seconds a template's pool waits after one of its creates failed.
+POOL_BACKOFF = 60.0
+# Pool creates one refill starts per template (the rest follow on the next passes).
+POOL_BATCH = 2
 # The operation an in-flight state stands for, in messages.
 INTERRUPTED = {"creating": "create", "repairing": "repair", "destroying": "destroy"}
 
@@ -69,6 +73,8 @@ class SandboxService:
         self.stacks = stacks
         self._jobs: set[asyncio.Task[None]] = set()
         self._creates: dict[int, deque[float]] = defaultdict(deque)
+        # Templates whose last pool create failed, and until when refills of it wait.
+        self._pool_backoff: dict[str, float] = {}
         self.lease = workers.WorkerLease(settings.database_url.get_secret_value())
 
     async def start(self) -> None:
@@ -148,13 +154,30 @@ class SandboxService:
         self._rate_limit(client)
         limit = self.settings.max_live_sandboxes_per_key
 
-        def insert(conn: psycopg.Connection) -> SandboxRow:
+        # A create the warm pool can serve: the template keeps a pool and the request asks
+        # for nothing a pool sandbox was not made with (env is baked into its containers).
+        poolable = template.pool > 0 and not env
+
+        def insert(conn: psycopg.Connection) -> tuple[SandboxRow, bool]:
             # Counting and inserting in one transaction, under the client's row lock, keeps
             # concurrent creates of one key from passing the quota together.
             conn.execute("SELECT 1 FROM api_clients WHERE id = %s FOR UPDATE", (client.id,))
             live = store.count_live(conn, owner_id=client.id)
             if live >= limit:
                 raise QuotaExceeded(f"this key already has {live} live sandboxes (limit {limit})")
+            if poolable:
+                claimed = store.claim_pooled(
+                    conn,
+                    template=template.name,
+                    digest=template.digest,
+                    owner_id=client.id,
+                    ttl_seconds=int(ttl.total_seconds()),
+                    idempotency_key=request.idempotency_key,
+                    metadata=request.metadata,
+                )
+                if claimed is not None:
+                    store.add_event(conn, claimed.id, "state", f"running: claimed by {client.name}")
+                    return claimed, True
             row = store.insert_sandbox(
                 conn,
                 sandbox_id=secrets.token_hex(5),
@@ -166,10 +189,13 @@ class SandboxService:
                 worker=self.worker,
             )
             store.add_event(conn, row.id, "state", "creating")
-            return row
+            return row, False
 
-        row = await self.db(insert)
-        self._spawn(self._create_job(row, template, client.name, env))
+        row, pooled = await self.db(insert)
+        if pooled:
+            self._spawn(self.refill_pool(template.name))
+        else:
+            self._spawn(self._create_job(row, template, client.name, env))
         return row, True
 
     async def destroy(
@@ -297,10 +323,16 @@ class SandboxService:
 
     async def check_drift(self) -> list[str]:
         """Find running sandboxes with a container missing or stopped (removed by hand) and
-        start their repair. Returns the sandbox ids being repaired."""
-        rows: list[SandboxRow] = await self.db(
-            store.list_sandboxes, owner_id=None, state="running", limit=100_000
-        )
+        start their repair; a pool sandbox in that state is recycled instead (nobody uses it:
+        a fresh one is cheaper and certain). Returns the sandbox ids being repaired or
+        recycled."""
+        rows: list[SandboxRow] = [
+            row
+            for state in ("running", "pooled")
+            for row in await self.db(
+                store.list_sandboxes, owner_id=None, state=state, limit=100_000
+            )
+        ]
         started = []
         for row in rows:
             declared = (row.outputs or {}).get("containers")
@@ -314,6 +346,10 @@ class SandboxService:
             if not broken:
                 continue
             what = ", ".join(f"{n} ({states.get(n, 'missing')})" for n in broken)
+            if row.state == SandboxState.POOLED:
+                if await self._recycle(row.id, f"not as declared: {what}"):
+                    started.append(row.id)
+                continue
             claimed = await self.db(
                 store.transition, row.id, SandboxState.REPAIRING, worker=self.worker
             )
@@ -347,6 +383,90 @@ class SandboxService:
             )
             return
         await self._finish(sandbox_id, SandboxState.RUNNING, outputs=outputs)
+
+    # --- the warm pool -----------------------------------------------------------------------
+
+    async def refill_pool(self, only: str | None = None) -> list[str]:
+        """Bring every template's pool (or ``only`` that one's) to its size: recycle pool
+        sandboxes made from an older version of the template or beyond the size, then start
+        creates for what is missing (at most POOL_BATCH per template at a time; a template
+        whose pool create failed waits POOL_BACKOFF seconds). Decisions are taken under a
+        per-template database lock, so engine processes sharing the database do not
+        overfill. Returns the ids of the pool sandboxes started."""
+        try:
+            templates = load_all(self.settings.templates_path)
+        except EngineError as exc:
+            log.warning("warm pool: templates could not be read: %s", exc)
+            return []
+        known = {name: t for name, t in templates.items() if only in (None, name)}
+        started: list[tuple[SandboxRow, Template]] = []
+        recycle: list[tuple[str, str]] = []
+        if only is None:
+            # Pool sandboxes of templates that are gone (or whose pool was set to zero).
+            for entry in await self.db(store.pool_entries):
+                gone = entry.template not in templates or templates[entry.template].pool == 0
+                if entry.state == "pooled" and gone:
+                    recycle.append((entry.id, "its template no longer keeps a pool"))
+        for template in known.values():
+            if template.pool == 0 and only is None:
+                continue
+            if self._pool_backoff.get(template.name, 0.0) > time.monotonic():
+                continue
+
+            def plan(conn: psycopg.Connection, t: Template = template) -> list[SandboxRow]:
+                store.lock_pool(conn, t.name)
+                entries = store.pool_entries(conn, t.name)
+                current = [e for e in entries if e.template_digest == t.digest]
+                for e in entries:
+                    if e.template_digest != t.digest and e.state == "pooled":
+                        recycle.append((e.id, "made from an older version of its template"))
+                ready = [e for e in current if e.state == "pooled"]
+                for e in ready[: max(0, len(current) - t.pool)]:
+                    recycle.append((e.id, "more than the pool's size"))
+                missing = min(POOL_BATCH, t.pool - len(current))
+                rows = []
+                for _ in range(max(0, missing)):
+                    row = store.insert_sandbox(
+                        conn,
+                        sandbox_id=secrets.token_hex(5),
+                        owner_id=None,
+                        template=t.name,
+                        ttl_seconds=int(self.settings.pool_max_age),
+                        idempotency_key=None,
+                        worker=self.worker,
+                        template_digest=t.digest,
+                    )
+                    store.add_event(conn, row.id, "state", "creating (warm pool)")
+                    rows.append(row)
+                return rows
+
+            for row in await self.db(plan):
+                started.append((row, template))
+        for sid, why in recycle:
+            await self._recycle(sid, why)
+        for row, template in started:
+            self._spawn(self._create_job(row, template, "pool", {}))
+        return [row.id for row, _ in started]
+
+    async def _recycle(self, sandbox_id: str, why: str) -> bool:
+        """Destroy a pool sandbox nobody claimed (reason recycled); False when it was claimed
+        or recycled meanwhile."""
+        reason = DestroyReason.RECYCLED
+
+        def begin(conn: psycopg.Connection) -> bool:
+            row = store.transition(
+                conn, sandbox_id, SandboxState.DESTROYING, reason=reason.value, worker=self.worker
+            )
+            if row is None:
+                return False
+            store.add_event(conn, sandbox_id, "state", f"destroying ({reason}): {why}")
+            return True
+
+        if not await self.db(begin):
+            return False
+        log.info("pool sandbox %s recycled: %s", sandbox_id, why)
+        self.start_destroy(sandbox_id, reason)
+        return True
 
     async def sweep_orphans(self) -> list[str]:
         """Destroy what this engine made but no live sandbox owns: ``sbx-*`` stacks with no
@@ -427,8 +547,13 @@ class SandboxService:
         except Exception as exc:  # recorded on the row; the stack was torn down
             log.warning("sandbox %s failed: %s", row.id, exc)
             await self._finish(row.id, SandboxState.FAILED, error=str(exc)[:2000])
+            if row.owner_id is None:  # a pool create: wait before trying this template again
+                self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
             return
-        await self._finish(row.id, SandboxState.RUNNING, outputs=outputs)
+        ready = SandboxState.POOLED if row.owner_id is None else SandboxState.RUNNING
+        await self._finish(row.id, ready, outputs=outputs)
+        if row.owner_id is None:
+            self._pool_backoff.pop(row.template, None)
 
     async def _destroy_job(self, sandbox_id: str, reason: DestroyReason) -> None:
         try:

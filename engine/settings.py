@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=300, ge=1, le=86400)
     # Days destroyed sandboxes (rows and events) are kept for audit before they are pruned.
     retention_days: int = Field(default=30, ge=1, le=3650)
+    # Seconds a warm-pool sandbox waits for a claim before it is recycled (made afresh).
+    pool_max_age: float = Field(default=21600, ge=60, le=7 * 86400)
     # Address the API listens on.
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8000, ge=1, le=65535)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,14 @@ from typing import Any
 
 import docker
 import docker.errors
+import grpc
+import yaml
 from pulumi import automation as auto
+
+# The Automation API's in-process language runtime (the server behind its inline programs).
+# Private to the SDK, which is pinned (pyproject.toml); tests/test_automation.py runs it.
+from pulumi.automation._server import LanguageServer
+from pulumi.runtime.proto import language_pb2_grpc
 
 from engine.errors import ConflictError, NotFoundError, StackError
 from engine.settings import Settings
@@ -34,7 +44,8 @@ from engine.spec import (
     stack_name,
 )
 from engine.templates import Template
-from engine.toolenv import pulumi_command, workspace_options
+from engine.toolenv import pulumi_command, pulumi_env, workspace_options
+from stacks.program import program
 
 Progress = Callable[[str], None]
 
@@ -106,15 +117,16 @@ class StackManager:
             except auto.StackAlreadyExistsError as exc:
                 raise ConflictError(f"stack {name} already exists") from exc
 
-    def _configure(
+    def _config(
         self,
-        stack: auto.Stack,
         template: Template,
         sandbox_id: str,
         owner: str,
         templates_dir: Path,
         env: dict[str, str] | None = None,
-    ) -> None:
+    ) -> dict[str, auto.ConfigValue]:
+        """The stack's config: the template and the request, which the program turns into the
+        sandbox's spec."""
         config = {
             "sandbox:id": auto.ConfigValue(sandbox_id),
             "sandbox:template": auto.ConfigValue(template.name),
@@ -135,7 +147,113 @@ class StackManager:
         if env:
             # Request env may carry credentials (an Anthropic key): a stack secret.
             config["sandbox:env"] = auto.ConfigValue(json.dumps(env), secret=True)
-        stack.set_all_config(config)
+        return config
+
+    # --- direct CLI runs (the create and destroy path) ---------------------------------------
+
+    def _config_file(self, name: str) -> Path:
+        return self.settings.stack_config_path / f"Pulumi.{name}.yaml"
+
+    def _cli(
+        self,
+        args: list[str],
+        *,
+        inline: bool = False,
+        progress: Progress | None = None,
+        events: list[auto.EngineEvent] | None = None,
+    ) -> None:
+        """One ``pulumi`` run in the project folder, with the engine's environment.
+
+        ``inline``: the program runs inside this process (the Automation API's language
+        runtime serves it), so no language host, interpreter or plugin scan starts. Engine
+        events are read from an event log as they are written: ``progress`` gets a line per
+        resource step, ``events`` every event.
+        """
+        server: grpc.Server | None = None
+        log_dir: tempfile.TemporaryDirectory[str] | None = None
+        watcher: threading.Thread | None = None
+        done = threading.Event()
+        args = list(args)
+        try:
+            if inline:
+                server = grpc.server(ThreadPoolExecutor(max_workers=4))
+                language_pb2_grpc.add_LanguageRuntimeServicer_to_server(
+                    LanguageServer(program), server
+                )
+                port = server.add_insecure_port("127.0.0.1:0")
+                server.start()
+                args += [f"--client=127.0.0.1:{port}", "--exec-kind", "auto.inline"]
+            on_event = self._progress(progress)
+            if on_event is not None or events is not None:
+                log_dir = tempfile.TemporaryDirectory(prefix="sandbox-events-")
+                log_path = Path(log_dir.name) / "events.jsonl"
+                log_path.touch()
+                args += ["--event-log", str(log_path)]
+
+                def deliver(event: auto.EngineEvent) -> None:
+                    if events is not None:
+                        events.append(event)
+                    if on_event is not None:
+                        on_event(event)
+
+                watcher = threading.Thread(
+                    target=_follow, args=(log_path, deliver, done), daemon=True
+                )
+                watcher.start()
+            self._command.run(
+                args,
+                str(self.settings.project_dir),
+                # The flags the Automation API uses (--client, --event-log) exist only with this.
+                {
+                    **pulumi_env(self.settings, backend_url=self.backend_url),
+                    "PULUMI_DEBUG_COMMANDS": "true",
+                },
+            )
+        finally:
+            done.set()
+            if watcher is not None:
+                watcher.join(timeout=30)
+            if server is not None:
+                server.stop(0)
+            if log_dir is not None:
+                log_dir.cleanup()
+
+    def _init_stack(self, name: str, config: dict[str, auto.ConfigValue]) -> None:
+        """``pulumi stack init``, then the config: plain values written straight into the
+        stack's config file (the file ``pulumi config set`` writes; no CLI run), secrets
+        through the CLI, which encrypts them with the stack's key."""
+        try:
+            self._cli(["stack", "init", name])
+        except auto.StackAlreadyExistsError as exc:
+            raise ConflictError(f"stack {name} already exists") from exc
+        path = self._config_file(name)
+        document = yaml.safe_load(path.read_text()) if path.exists() else None
+        document = document if isinstance(document, dict) else {}
+        document["config"] = {k: v.value for k, v in config.items() if not v.secret}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(yaml.safe_dump(document, sort_keys=True))
+        tmp.replace(path)
+        hidden = [f"{k}={v.value}" for k, v in config.items() if v.secret]
+        if hidden:
+            args = ["config", "set-all", "--stack", name]
+            for pair in hidden:
+                args += ["--secret", pair]
+            self._cli(args)
+
+    def _remove_stack(self, name: str) -> None:
+        """Destroy whatever the stack holds, then remove the stack and its config file (one
+        run: ``destroy --remove``). When the destroy fails the stack is removed anyway
+        (``--force``) and the error raised: the caller decides what is left to clean."""
+        try:
+            self._cli(["destroy", "--yes", "--skip-preview", "--remove", "--stack", name])
+        except auto.StackNotFoundError:
+            pass
+        except BaseException:
+            with contextlib.suppress(auto.CommandError):
+                self._cli(["stack", "rm", "--yes", "--force", "--stack", name])
+            raise
+        finally:
+            self._config_file(name).unlink(missing_ok=True)
 
     @staticmethod
     def _progress(progress: Progress | None) -> Callable[[auto.EngineEvent], None] | None:
@@ -181,31 +299,34 @@ class StackManager:
         env: dict[str, str] | None = None,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
-        """Create the stack and bring the sandbox up; on failure, tear down what was made."""
+        """Create the stack and bring the sandbox up; on failure, tear down what was made.
+
+        Three CLI runs at most (``stack init``, ``config set-all`` only for secrets, ``up``
+        with the program inline); the outputs come from the update's own events.
+        """
         sandbox_id = sandbox_id or secrets.token_hex(5)
         name = stack_name(sandbox_id)
         with self._operation(name):
-            stack = self._stack(name, create=True)
+            self._init_stack(name, self._config(template, sandbox_id, owner, templates_dir, env))
+            events: list[auto.EngineEvent] = []
             try:
-                self._configure(stack, template, sandbox_id, owner, templates_dir, env)
                 if template.claude_auth:
                     self._ensure_shared_volume()
                 if any(e.public for e in template.expose):
                     ensure_edge_network(self.settings.edge_network)
-                up = stack.up(on_event=self._progress(progress))
+                self._cli(
+                    ["up", "--yes", "--skip-preview", "--stack", name],
+                    inline=True,
+                    progress=progress,
+                    events=events,
+                )
             except auto.CommandError as exc:
-                self._teardown(stack)
+                self._remove_stack(name)
                 raise StackError(_summarize(exc)) from exc
             except BaseException:
-                self._teardown(stack)
+                self._remove_stack(name)
                 raise
-            return {k: v.value for k, v in up.outputs.items()}
-
-    def _teardown(self, stack: auto.Stack) -> None:
-        try:
-            stack.destroy()
-        finally:
-            stack.workspace.remove_stack(stack.name, force=True)
+            return _stack_outputs(events)
 
     def preview_template(self, template: Template, templates_dir: Path) -> Preview:
         """What a new sandbox of this template would create; nothing is created."""
@@ -213,8 +334,8 @@ class StackManager:
         with self._operation(name):
             stack = self._stack(name, create=True)
             try:
-                self._configure(
-                    stack, template, name.removeprefix("sbx-"), "preview", templates_dir
+                stack.set_all_config(
+                    self._config(template, name.removeprefix("sbx-"), "preview", templates_dir)
                 )
                 return self._preview(stack)
             finally:
@@ -242,16 +363,19 @@ class StackManager:
         return Preview(tuple(changes), _counts(result.change_summary))
 
     def destroy(self, sandbox_id: str, *, progress: Progress | None = None) -> None:
-        """Destroy every resource of the sandbox, then remove its stack. Idempotent."""
+        """Destroy every resource of the sandbox, then remove its stack (one CLI run)."""
         name = stack_name(sandbox_id)
         with self._operation(name):
-            stack = self._stack(name, create=False)
             try:
-                stack.destroy(on_event=self._progress(progress))
+                self._cli(
+                    ["destroy", "--yes", "--skip-preview", "--remove", "--stack", name],
+                    progress=progress,
+                )
+            except auto.StackNotFoundError as exc:
+                raise NotFoundError(f"no sandbox stack {name}") from exc
             except auto.CommandError as exc:
                 raise StackError(_summarize(exc)) from exc
-            stack.workspace.remove_stack(name)
-            (self.settings.stack_config_path / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
+            self._config_file(name).unlink(missing_ok=True)
 
     def recover(self, sandbox_id: str) -> None:
         """Tear down a sandbox whose engine died mid-operation.
@@ -405,6 +529,35 @@ def container_states(sandbox_id: str) -> dict[str, str]:
         }
     finally:
         client.close()
+
+
+def _follow(path: Path, deliver: Callable[[auto.EngineEvent], None], done: threading.Event) -> None:
+    """Read an event log as the CLI writes it (one JSON object per line) until ``done`` is
+    set and everything written has been read."""
+    pending = ""
+    with path.open(encoding="utf-8") as fh:
+        while True:
+            chunk = fh.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    if line.strip():
+                        deliver(auto.EngineEvent.from_json(json.loads(line)))
+                continue
+            if done.is_set():
+                return
+            done.wait(0.02)
+
+
+def _stack_outputs(events: list[auto.EngineEvent]) -> dict[str, Any]:
+    """The stack's outputs, from the outputs event of its root resource."""
+    for event in reversed(events):
+        out = event.res_outputs_event
+        if out and out.metadata and out.metadata.type == "pulumi:pulumi:Stack":
+            new = out.metadata.new
+            return dict(new.outputs or {}) if new else {}
+    return {}
 
 
 def _counts(summary: Any) -> dict[str, int]:

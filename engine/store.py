@@ -106,6 +106,7 @@ def ensure_first_admin(conn: psycopg.Connection) -> str | None:
 
 class SandboxState(StrEnum):
     CREATING = "creating"
+    POOLED = "pooled"  # created ahead, no owner: the warm pool
     RUNNING = "running"
     REPAIRING = "repairing"
     FAILED = "failed"
@@ -118,6 +119,7 @@ class DestroyReason(StrEnum):
     REQUEST = "request"
     TTL = "ttl"
     ORPHANED = "orphaned"
+    RECYCLED = "recycled"  # a pool sandbox past its age, stale or surplus
 
 
 LIVE_STATES = [
@@ -130,7 +132,9 @@ IN_FLIGHT = [
 # Which state may follow which; anything else is a conflict.
 TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
     # A create is not interrupted (its stack is busy): DELETE answers 409 until it settles.
-    SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.FAILED),
+    SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.POOLED, SandboxState.FAILED),
+    # A pool sandbox becomes running by a claim (claim_pooled), or is recycled.
+    SandboxState.POOLED: (SandboxState.DESTROYING,),
     SandboxState.RUNNING: (SandboxState.DESTROYING, SandboxState.REPAIRING),
     # A repair (the stack brought back to its declared state) is not interrupted either.
     SandboxState.REPAIRING: (SandboxState.RUNNING, SandboxState.FAILED),
@@ -144,7 +148,7 @@ TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
 @dataclass(frozen=True)
 class SandboxRow:
     id: str
-    owner_id: int
+    owner_id: int | None  # None: a pool sandbox
     template: str
     state: str
     reason: str | None
@@ -170,18 +174,21 @@ def insert_sandbox(
     conn: psycopg.Connection,
     *,
     sandbox_id: str,
-    owner_id: int,
+    owner_id: int | None,
     template: str,
     ttl_seconds: int,
     idempotency_key: str | None,
     metadata: dict[str, str] | None = None,
     worker: str | None = None,
+    template_digest: str | None = None,
 ) -> SandboxRow:
+    """A new sandbox in ``creating``; ``owner_id=None`` makes a pool sandbox (its "TTL" is
+    then the pool's maximum age)."""
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
-            "INSERT INTO sandboxes"
-            " (id, owner_id, template, state, expires_at, idempotency_key, metadata, worker)"
-            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s, %s, %s)"
+            "INSERT INTO sandboxes (id, owner_id, template, state, expires_at, idempotency_key,"
+            " metadata, worker, template_digest)"
+            " VALUES (%s, %s, %s, 'creating', now() + make_interval(secs => %s), %s, %s, %s, %s)"
             f" RETURNING {SANDBOX_COLUMNS}",
             (
                 sandbox_id,
@@ -191,6 +198,7 @@ def insert_sandbox(
                 idempotency_key,
                 Jsonb(metadata or {}),
                 worker,
+                template_digest,
             ),
         )
         row = cur.fetchone()
@@ -341,12 +349,13 @@ def prune_destroyed(conn: psycopg.Connection, *, older_than_days: int) -> int:
 
 
 def lock_expired(conn: psycopg.Connection, *, now: datetime, limit: int) -> list[SandboxRow]:
-    """Lock up to ``limit`` running or failed sandboxes past their expiry, skipping rows
-    another transaction holds (the reaper's claim)."""
+    """Lock up to ``limit`` running, failed or pooled sandboxes past their expiry (a pool
+    sandbox's is its maximum age), skipping rows another transaction holds (the reaper's
+    claim)."""
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             f"SELECT {SANDBOX_COLUMNS} FROM sandboxes"
-            " WHERE state IN ('running', 'failed') AND expires_at <= %s"
+            " WHERE state IN ('running', 'failed', 'pooled') AND expires_at <= %s"
             " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (now, limit),
         )
@@ -423,3 +432,68 @@ def repairs_of(conn: psycopg.Connection, sandbox_id: str) -> int:
         (sandbox_id,),
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+# --- the warm pool ---------------------------------------------------------------------------
+
+
+def claim_pooled(
+    conn: psycopg.Connection,
+    *,
+    template: str,
+    digest: str,
+    owner_id: int,
+    ttl_seconds: int,
+    idempotency_key: str | None,
+    metadata: dict[str, str] | None,
+) -> SandboxRow | None:
+    """Give the oldest ready pool sandbox of this template (made from this version of it) to
+    ``owner_id``: running, created now, expiring ``ttl_seconds`` from now. One UPDATE over a
+    ``SKIP LOCKED`` pick, so concurrent claims take different sandboxes. None: the pool is
+    empty."""
+    with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
+        cur.execute(
+            "UPDATE sandboxes SET state = 'running', owner_id = %(owner)s, created_at = now(),"
+            " expires_at = now() + make_interval(secs => %(ttl)s), warned_for = NULL,"
+            " idempotency_key = %(key)s, metadata = %(metadata)s"
+            " WHERE id = (SELECT id FROM sandboxes WHERE owner_id IS NULL AND state = 'pooled'"
+            "  AND template = %(template)s AND template_digest = %(digest)s"
+            "  AND expires_at > now() + interval '1 minute'"
+            "  ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {SANDBOX_COLUMNS}",
+            {
+                "owner": owner_id,
+                "ttl": ttl_seconds,
+                "key": idempotency_key,
+                "metadata": Jsonb(metadata or {}),
+                "template": template,
+                "digest": digest,
+            },
+        )
+        return cur.fetchone()
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    id: str
+    template: str
+    state: str
+    template_digest: str | None
+    created_at: datetime
+
+
+def pool_entries(conn: psycopg.Connection, template: str | None = None) -> list[PoolEntry]:
+    """Pool sandboxes being made or ready (of one template, or all), oldest first."""
+    with conn.cursor(row_factory=class_row(PoolEntry)) as cur:
+        cur.execute(
+            "SELECT id, template, state, template_digest, created_at FROM sandboxes"
+            " WHERE owner_id IS NULL AND state IN ('creating', 'pooled')"
+            " AND (%(t)s::text IS NULL OR template = %(t)s) ORDER BY created_at",
+            {"t": template},
+        )
+        return cur.fetchall()
+
+
+def lock_pool(conn: psycopg.Connection, template: str) -> None:
+    """Serialise pool decisions for one template across engine processes (until commit)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('sandbox-pool:' || %s))", (template,))

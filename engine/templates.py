@@ -7,6 +7,8 @@ and the line. YAML is parsed with the safe loader; anchors and aliases are refus
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -53,9 +55,14 @@ class Template:
     claude_auth: bool = True
     description: str = ""
     source: str = ""  # the file it came from
+    # Sandboxes kept created ahead (the warm pool): a create claims one in milliseconds.
+    pool: int = 0
+    # SHA-256 of the file's bytes: pooled sandboxes made from an older version are not claimed.
+    digest: str = ""
 
 
 DEFAULT_PIDS_LIMIT = 1024
+MAX_POOL = 50
 
 
 class _Lines:
@@ -117,7 +124,7 @@ def load(path: Path) -> Template:
     except UnicodeDecodeError:
         raise TemplateError(file, [("", None, "file is not UTF-8 text")]) from None
     raw, lines = _parse(text, file)
-    return validate(raw, lines, file)
+    return dataclasses.replace(validate(raw, lines, file), digest=hashlib.sha256(data).hexdigest())
 
 
 def validate(raw: Any, lines: _Lines, file: str) -> Template:
@@ -140,6 +147,7 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         "env",
         "workspace",
         "claude_auth",
+        "pool",
     }
     for key in raw:
         if key not in known:
@@ -280,6 +288,10 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
     if not isinstance(claude_auth, bool):
         fail("claude_auth", "must be true or false")
         claude_auth = True
+    pool = raw.get("pool", 0)
+    if not isinstance(pool, int) or isinstance(pool, bool) or not 0 <= pool <= MAX_POOL:
+        fail("pool", f"must be a whole number from 0 to {MAX_POOL}")
+        pool = 0
     description = raw.get("description") or ""
     if not isinstance(description, str):
         fail("description", "must be a string")
@@ -303,6 +315,7 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         claude_auth=claude_auth,
         description=description.strip(),
         source=file,
+        pool=pool,
     )
 
 

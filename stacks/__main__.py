@@ -1,33 +1,6 @@
-"""The Pulumi program behind every sandbox stack (``sbx-<id>``).
+"""Entry point of the Pulumi project (``Pulumi.yaml``: runtime python, main ``stacks/``): the
+plain ``pulumi`` CLI runs this file; the program itself is ``stacks.program``."""
 
-The stack's config names the template and the request; the spec is computed from them here
-(``engine.spec``, pure), so a change to a template shows in ``pulumi preview --diff`` of every
-sandbox made from it. ``stacks/sandbox.py`` maps the spec to resources.
-"""
+from stacks.program import program
 
-from pathlib import Path
-
-import pulumi
-
-from engine.spec import SandboxRequest, SpecSettings, build_spec
-from engine.templates import load
-from stacks.sandbox import declare
-
-cfg = pulumi.Config("sandbox")
-template = load(Path(cfg.require("templatesDir")) / f"{cfg.require('template')}.yaml")
-spec = build_spec(
-    template,
-    SandboxRequest(sandbox_id=cfg.require("id"), owner=cfg.get("owner") or "cli"),
-    SpecSettings(
-        domain=cfg.get("domain") or "localhost",
-        entrypoint=cfg.get("entrypoint") or "web",
-        tls_resolver=cfg.get("tlsResolver") or "",
-        engine=cfg.get("engine") or "",
-        edge_network=cfg.get("edgeNetwork") or "sandbox-edge",
-        public_port=cfg.get_int("publicPort") or 0,
-    ),
-)
-password = cfg.require_secret("servicePassword") if "postgres" in template.services else None
-extra_env = cfg.get_secret_object("env")  # the create request's env, a secret
-for key, value in declare(spec, password, extra_env).items():
-    pulumi.export(key, value)
+program()

@@ -47,7 +47,10 @@ def public(row: SandboxRow) -> SandboxPublic:
 
 
 @router.post(
-    "", status_code=202, response_model=SandboxPublic, responses={409: {}, 422: {}, 429: {}}
+    "",
+    status_code=202,
+    response_model=SandboxPublic,
+    responses={201: {"model": SandboxPublic}, 409: {}, 422: {}, 429: {}},
 )
 async def create_sandbox(
     body: SandboxCreate,
@@ -56,7 +59,9 @@ async def create_sandbox(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> SandboxPublic:
-    """Start a sandbox: answers at once with state `creating`; poll or stream its events."""
+    """Start a sandbox: answers at once with state `creating` (202); poll or stream its
+    events. When the template keeps a warm pool and the request sets no `env`, a sandbox made
+    ahead is handed over instead: 201, state `running`, TTL counted from now."""
     row, created = await service.create(
         client,
         CreateRequest(
@@ -70,6 +75,8 @@ async def create_sandbox(
     response.headers["Location"] = f"/api/v1/sandboxes/{row.id}"
     if not created:
         response.status_code = 200
+    elif row.state == "running":  # served from the warm pool: running already
+        response.status_code = 201
     return public(row)
 
 
@@ -78,7 +85,8 @@ async def list_sandboxes(
     client: ClientDep,
     service: ServiceDep,
     state: Annotated[
-        str | None, Query(pattern="^(creating|running|failed|destroying|destroyed|expired)$")
+        str | None,
+        Query(pattern="^(creating|pooled|running|repairing|failed|destroying|destroyed|expired)$"),
     ] = None,
 ) -> SandboxList:
     """Your sandboxes (an admin key sees everyone's), newest first."""
