@@ -93,6 +93,7 @@ class Reaper:
             await self._step("warnings", self.service.warn_expiring(now, before))
         await self._step("drift", self.service.check_drift())
         await self._step("pool", self.service.refill_pool())
+        await self._step("stack reserve", self.service.refill_reserve())
         mono = time.monotonic()
         if self._last_sweep is None or mono - self._last_sweep >= settings.sweep_interval:
             self._last_sweep = mono

@@ -8,6 +8,7 @@ is an event of the sandbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -73,6 +74,7 @@ class SandboxService:
         self.stacks = stacks
         self._jobs: set[asyncio.Task[None]] = set()
         self._creates: dict[int, deque[float]] = defaultdict(deque)
+        self._reserve_lock = asyncio.Lock()
         # Templates whose last pool create failed, and until when refills of it wait.
         self._pool_backoff: dict[str, float] = {}
         self.lease = workers.WorkerLease(settings.database_url.get_secret_value())
@@ -86,6 +88,7 @@ class SandboxService:
         """Wait for running jobs, then give the lease up."""
         await self.drain()
         await asyncio.to_thread(self.lease.release)
+        await asyncio.to_thread(self.stacks.close)
 
     @property
     def worker(self) -> str:
@@ -158,7 +161,7 @@ class SandboxService:
         # for nothing a pool sandbox was not made with (env is baked into its containers).
         poolable = template.pool > 0 and not env
 
-        def insert(conn: psycopg.Connection) -> tuple[SandboxRow, bool]:
+        def insert(conn: psycopg.Connection) -> tuple[SandboxRow, str]:
             # Counting and inserting in one transaction, under the client's row lock, keeps
             # concurrent creates of one key from passing the quota together.
             conn.execute("SELECT 1 FROM api_clients WHERE id = %s FOR UPDATE", (client.id,))
@@ -177,10 +180,11 @@ class SandboxService:
                 )
                 if claimed is not None:
                     store.add_event(conn, claimed.id, "state", f"running: claimed by {client.name}")
-                    return claimed, True
+                    return claimed, "pool"
+            reserved = store.take_reserved_stack(conn)
             row = store.insert_sandbox(
                 conn,
-                sandbox_id=secrets.token_hex(5),
+                sandbox_id=reserved or secrets.token_hex(5),
                 owner_id=client.id,
                 template=template.name,
                 ttl_seconds=int(ttl.total_seconds()),
@@ -189,13 +193,15 @@ class SandboxService:
                 worker=self.worker,
             )
             store.add_event(conn, row.id, "state", "creating")
-            return row, False
+            return row, "reserve" if reserved else "new"
 
-        row, pooled = await self.db(insert)
-        if pooled:
+        row, source = await self.db(insert)
+        if source == "pool":
             self._spawn(self.refill_pool(template.name))
-        else:
-            self._spawn(self._create_job(row, template, client.name, env))
+            return row, True
+        self._spawn(self._create_job(row, template, client.name, env, reserved=source == "reserve"))
+        if source == "reserve":
+            self._spawn(self.refill_reserve())
         return row, True
 
     async def destroy(
@@ -448,6 +454,35 @@ class SandboxService:
             self._spawn(self._create_job(row, template, "pool", {}))
         return [row.id for row, _ in started]
 
+    async def refill_reserve(self) -> list[str]:
+        """Initialise empty stacks until the reserve holds ``stack_reserve`` of them (one at a
+        time, in the background: each is a CLI run). A reserved stack whose initialising
+        process died before it was ready is removed (and its stack with it). Returns the ids
+        initialised."""
+        size = self.settings.stack_reserve
+        for sid, ready, worker in await self.db(store.reserve_entries):
+            if ready or worker == self.worker:
+                continue
+            alive: bool = await self.db(workers.is_alive, worker) if worker else False
+            if not alive:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.stacks.recover, sid)
+                await self.db(store.drop_reserved, sid)
+        made: list[str] = []
+        if size == 0:
+            return made
+        async with self._reserve_lock:
+            for sid in await self.db(store.plan_reserve, size=size, worker=self.worker):
+                try:
+                    await asyncio.to_thread(self.stacks.reserve, sid)
+                except Exception as exc:
+                    log.warning("could not initialise a reserved stack: %s", exc)
+                    await self.db(store.drop_reserved, sid)
+                    break
+                await self.db(store.reserve_ready, sid)
+                made.append(sid)
+        return made
+
     async def _recycle(self, sandbox_id: str, why: str) -> bool:
         """Destroy a pool sandbox nobody claimed (reason recycled); False when it was claimed
         or recycled meanwhile."""
@@ -470,9 +505,10 @@ class SandboxService:
 
     async def sweep_orphans(self) -> list[str]:
         """Destroy what this engine made but no live sandbox owns: ``sbx-*`` stacks with no
-        row, and Docker objects labelled with this engine and a sandbox that has no row or is
-        destroyed/expired. Stacks and objects are listed before rows: a row is written before
-        its stack exists, so a sandbox being created is never taken for an orphan."""
+        row (and not in the stack reserve), and Docker objects labelled with this engine and a
+        sandbox that has no row or is destroyed/expired. Stacks and objects are listed before
+        rows: a row is written before its stack exists, so a sandbox being created is never
+        taken for an orphan."""
         if not self.stacks.instance:
             return []
         names = [s.name for s in await asyncio.to_thread(self.stacks.list)]
@@ -484,7 +520,10 @@ class SandboxService:
         if not ids:
             return []
         states: dict[str, str] = await self.db(store.states_of, ids)
-        orphans = [i for i in ids if states.get(i) in (None, "destroyed", "expired")]
+        reserved = {sid for sid, _, _ in await self.db(store.reserve_entries)}
+        orphans = [
+            i for i in ids if states.get(i) in (None, "destroyed", "expired") and i not in reserved
+        ]
         for sid in orphans:
             what = ([f"stack sbx-{sid}"] if sid in stack_ids else []) + objects.get(sid, [])
             log.warning("orphaned (reason orphaned): %s; destroying", ", ".join(what))
@@ -532,7 +571,13 @@ class SandboxService:
         await self.db(store.add_event, sandbox_id, kind, message)
 
     async def _create_job(
-        self, row: SandboxRow, template: Template, owner: str, env: dict[str, str]
+        self,
+        row: SandboxRow,
+        template: Template,
+        owner: str,
+        env: dict[str, str],
+        *,
+        reserved: bool = False,
     ) -> None:
         try:
             outputs = await asyncio.to_thread(
@@ -543,6 +588,7 @@ class SandboxService:
                 owner=owner,
                 env=env,
                 progress=self._progress(row.id),
+                reserved=reserved,
             )
         except Exception as exc:  # recorded on the row; the stack was torn down
             log.warning("sandbox %s failed: %s", row.id, exc)

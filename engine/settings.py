@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     pulumi_state_table: str = "pulumi_state"
     # Public ports of sandboxes are served at <sandbox-id>-<port>.<domain>.
     domain: str = "localhost"
+    # The engine's creates and destroys attach to one long-lived docker provider process
+    # instead of starting one per run (false: a provider per run, as the plain CLI does).
+    shared_provider: bool = True
     # How many Pulumi operations (up, destroy, preview…) run at once.
     max_stack_operations: int = Field(default=4, ge=1, le=64)
     # Folder holding the sandbox templates (*.yaml).
@@ -57,6 +60,9 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=300, ge=1, le=86400)
     # Days destroyed sandboxes (rows and events) are kept for audit before they are pruned.
     retention_days: int = Field(default=30, ge=1, le=3650)
+    # Empty stacks kept initialised ahead: a cold create takes one instead of running
+    # `pulumi stack init` itself (0: every create initialises its own).
+    stack_reserve: int = Field(default=2, ge=0, le=50)
     # Seconds a warm-pool sandbox waits for a claim before it is recycled (made afresh).
     pool_max_age: float = Field(default=21600, ge=60, le=7 * 86400)
     # Address the API listens on.

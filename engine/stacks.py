@@ -13,8 +13,11 @@ import contextlib
 import json
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -46,6 +49,7 @@ from engine.spec import (
 from engine.templates import Template
 from engine.toolenv import pulumi_command, pulumi_env, workspace_options
 from stacks.program import program
+from stacks.provider.server import PARENT_ENV as PROVIDER_PARENT_ENV
 
 Progress = Callable[[str], None]
 
@@ -79,6 +83,16 @@ class StackManager:
         # The engine instance id (engine_instance.id), labelled on every object; set by the
         # service once it has the database. Empty: objects carry no engine label (previews).
         self.instance = ""
+        self._provider: SharedProvider | None = None
+        if settings.shared_provider:
+            self._provider = SharedProvider()
+            # Stopped with this manager, even one never closed (at collection or exit).
+            weakref.finalize(self, self._provider.stop)
+
+    def close(self) -> None:
+        """Stop the shared provider (it also stops by itself when this process ends)."""
+        if self._provider is not None:
+            self._provider.stop()
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -200,15 +214,12 @@ class StackManager:
                     target=_follow, args=(log_path, deliver, done), daemon=True
                 )
                 watcher.start()
-            self._command.run(
-                args,
-                str(self.settings.project_dir),
-                # The flags the Automation API uses (--client, --event-log) exist only with this.
-                {
-                    **pulumi_env(self.settings, backend_url=self.backend_url),
-                    "PULUMI_DEBUG_COMMANDS": "true",
-                },
-            )
+            env = pulumi_env(self.settings, backend_url=self.backend_url)
+            # The flags the Automation API uses (--client, --event-log) exist only with this.
+            env["PULUMI_DEBUG_COMMANDS"] = "true"
+            if self._provider is not None and args[0] in ("up", "destroy"):
+                env["PULUMI_DEBUG_PROVIDERS"] = f"docker:{self._provider.port()}"
+            self._command.run(args, str(self.settings.project_dir), env)
         finally:
             done.set()
             if watcher is not None:
@@ -218,14 +229,18 @@ class StackManager:
             if log_dir is not None:
                 log_dir.cleanup()
 
-    def _init_stack(self, name: str, config: dict[str, auto.ConfigValue]) -> None:
-        """``pulumi stack init``, then the config: plain values written straight into the
-        stack's config file (the file ``pulumi config set`` writes; no CLI run), secrets
-        through the CLI, which encrypts them with the stack's key."""
+    def _init_stack(self, name: str) -> None:
+        """``pulumi stack init``: the empty stack, and its config file holding the salt of its
+        secrets key."""
         try:
-            self._cli(["stack", "init", name])
+            self._cli(["stack", "init", "--no-select", name])
         except auto.StackAlreadyExistsError as exc:
             raise ConflictError(f"stack {name} already exists") from exc
+
+    def _write_config(self, name: str, config: dict[str, auto.ConfigValue]) -> None:
+        """The stack's config: plain values written straight into its config file (the file
+        ``pulumi config set`` writes; no CLI run), secrets through the CLI, which encrypts
+        them with the stack's key."""
         path = self._config_file(name)
         document = yaml.safe_load(path.read_text()) if path.exists() else None
         document = document if isinstance(document, dict) else {}
@@ -240,12 +255,21 @@ class StackManager:
                 args += ["--secret", pair]
             self._cli(args)
 
+    def reserve(self, sandbox_id: str) -> None:
+        """Initialise the empty stack of a future sandbox (the stack reserve): a cold create
+        that takes it skips ``stack init``, a CLI run and a key derivation."""
+        name = stack_name(sandbox_id)
+        with self._operation(name):
+            self._init_stack(name)
+
     def _remove_stack(self, name: str) -> None:
         """Destroy whatever the stack holds, then remove the stack and its config file (one
         run: ``destroy --remove``). When the destroy fails the stack is removed anyway
         (``--force``) and the error raised: the caller decides what is left to clean."""
         try:
-            self._cli(["destroy", "--yes", "--skip-preview", "--remove", "--stack", name])
+            self._cli(
+                ["destroy", "--yes", "--skip-preview", "--remove", "--stack", name], inline=True
+            )
         except auto.StackNotFoundError:
             pass
         except BaseException:
@@ -298,18 +322,24 @@ class StackManager:
         owner: str = "cli",
         env: dict[str, str] | None = None,
         progress: Progress | None = None,
+        reserved: bool = False,
     ) -> dict[str, Any]:
-        """Create the stack and bring the sandbox up; on failure, tear down what was made.
+        """Create the stack (``reserved``: it was initialised ahead, see ``reserve``) and
+        bring the sandbox up; on failure, tear down what was made.
 
-        Three CLI runs at most (``stack init``, ``config set-all`` only for secrets, ``up``
-        with the program inline); the outputs come from the update's own events.
+        Three CLI runs at most (``stack init`` unless reserved, ``config set-all`` only for
+        secrets, ``up`` with the program inline); the outputs come from the update's events.
         """
         sandbox_id = sandbox_id or secrets.token_hex(5)
         name = stack_name(sandbox_id)
         with self._operation(name):
-            self._init_stack(name, self._config(template, sandbox_id, owner, templates_dir, env))
+            if not reserved:
+                self._init_stack(name)
             events: list[auto.EngineEvent] = []
             try:
+                self._write_config(
+                    name, self._config(template, sandbox_id, owner, templates_dir, env)
+                )
                 if template.claude_auth:
                     self._ensure_shared_volume()
                 if any(e.public for e in template.expose):
@@ -369,6 +399,7 @@ class StackManager:
             try:
                 self._cli(
                     ["destroy", "--yes", "--skip-preview", "--remove", "--stack", name],
+                    inline=True,
                     progress=progress,
                 )
             except auto.StackNotFoundError as exc:
@@ -442,6 +473,54 @@ class StackManager:
                 work_dir=opts.work_dir, pulumi_command=opts.pulumi_command, env_vars=opts.env_vars
             )
         return [s for s in ws.list_stacks() if s.name.startswith("sbx-")]
+
+
+class SharedProvider:
+    """The docker provider as one long-lived process of the engine, which the engine's own
+    ``up`` and ``destroy`` runs attach to (``PULUMI_DEBUG_PROVIDERS``, the engine's attach
+    protocol) instead of starting a provider each: a provider start is an interpreter start
+    and its imports, about 0.45 s of every run. Started on first use and again whenever it is
+    found dead; it ends with the engine (it watches its parent). The plain CLI, and the
+    engine's previews and refreshes, still start their own provider as usual."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
+        self._port = 0
+
+    def port(self) -> int:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._start()
+            return self._port
+
+    def _start(self) -> None:
+        env = {**os.environ, PROVIDER_PARENT_ENV: str(os.getpid())}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stacks.provider.server"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if not line.isdigit():
+            process.kill()
+            raise StackError(f"the docker provider did not start (it printed {line[:200]!r})")
+        self._process, self._port = process, int(line)
+        # Anything it prints later is drained, so a full pipe never blocks it.
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+            self._process = None
 
 
 def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[str]:

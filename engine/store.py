@@ -497,3 +497,42 @@ def pool_entries(conn: psycopg.Connection, template: str | None = None) -> list[
 def lock_pool(conn: psycopg.Connection, template: str) -> None:
     """Serialise pool decisions for one template across engine processes (until commit)."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtext('sandbox-pool:' || %s))", (template,))
+
+
+# --- the stack reserve -----------------------------------------------------------------------
+
+
+def take_reserved_stack(conn: psycopg.Connection) -> str | None:
+    """Take the oldest ready reserved stack (its id becomes the new sandbox's); None when the
+    reserve is empty."""
+    row = conn.execute(
+        "DELETE FROM stack_reserve WHERE id = (SELECT id FROM stack_reserve WHERE ready"
+        " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def plan_reserve(conn: psycopg.Connection, *, size: int, worker: str) -> list[str]:
+    """Record the ids of the stacks to initialise so the reserve reaches ``size`` (under a
+    lock: processes sharing the database do not overfill); returns them."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('sandbox-stack-reserve'))")
+    row = conn.execute("SELECT count(*) FROM stack_reserve").fetchone()
+    have = int(row[0]) if row else 0
+    ids = [secrets.token_hex(5) for _ in range(max(0, size - have))]
+    for sid in ids:
+        conn.execute("INSERT INTO stack_reserve (id, worker) VALUES (%s, %s)", (sid, worker))
+    return ids
+
+
+def reserve_ready(conn: psycopg.Connection, sandbox_id: str) -> None:
+    conn.execute("UPDATE stack_reserve SET ready = true WHERE id = %s", (sandbox_id,))
+
+
+def drop_reserved(conn: psycopg.Connection, sandbox_id: str) -> None:
+    conn.execute("DELETE FROM stack_reserve WHERE id = %s", (sandbox_id,))
+
+
+def reserve_entries(conn: psycopg.Connection) -> list[tuple[str, bool, str | None]]:
+    """(id, ready, worker) of every reserved stack."""
+    rows = conn.execute("SELECT id, ready, worker FROM stack_reserve ORDER BY created_at")
+    return [(str(r[0]), bool(r[1]), r[2]) for r in rows.fetchall()]

@@ -18,6 +18,9 @@ from engine.settings import Settings
 from engine.toolenv import pulumi_command
 
 ROOT = Path(__file__).resolve().parent.parent
+# Engines started by tests keep no stack reserve unless a test asks for one: reserved stacks
+# outlive an engine by design, and tests end with nothing of theirs left.
+os.environ.setdefault("SANDBOX_STACK_RESERVE", "0")
 # Every Docker object a test creates carries this label; the session ends by checking none is left.
 TEST_LABEL = "io.sandbox-engine.test"
 

@@ -19,7 +19,7 @@ import pytest
 
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import remove_labelled
+from engine.stacks import StackManager, remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import serve
 from tests.conftest import ROOT
@@ -87,8 +87,12 @@ def pool_engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
         yield {"settings": settings, "key": key, "db": database, "templates": templates}
     finally:
         with psycopg.connect(database) as conn:
-            for (sid,) in conn.execute("SELECT id FROM sandboxes").fetchall():
-                remove_labelled(sid)
+            ids = [r[0] for r in conn.execute("SELECT id FROM sandboxes").fetchall()]
+            reserved = [r[0] for r in conn.execute("SELECT id FROM stack_reserve").fetchall()]
+        for sid in ids:
+            remove_labelled(sid)
+        for sid in ids + reserved:
+            (settings.stack_config_path / f"Pulumi.sbx-{sid}.yaml").unlink(missing_ok=True)
 
 
 def test_pooled_creates_are_claimed_refilled_and_survive_a_restart(
@@ -204,6 +208,64 @@ def test_stale_and_old_pool_sandboxes_are_recycled(
                 ), sid
         http.delete(f"/api/v1/sandboxes/{claimed['id']}")
         _drain_pool(pool_engine, http)
+
+
+def test_cold_creates_take_a_reserved_stack(
+    pool_engine: dict[str, Any], docker_client: docker.DockerClient
+) -> None:
+    """Empty stacks are initialised ahead; a cold create takes one (its sandbox gets the
+    stack's id), the reserve refills, survives a restart and the orphan sweep."""
+    warm_template(pool_engine["templates"], pool=0)
+    settings = pool_engine["settings"].model_copy(update={"stack_reserve": 2, "sweep_interval": 1})
+    db = pool_engine["db"]
+    stacks = StackManager(settings)
+
+    def reserve(ready_only: bool = True) -> list[str]:
+        with psycopg.connect(db) as conn:
+            return [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM stack_reserve WHERE ready OR NOT %s ORDER BY created_at",
+                    (ready_only,),
+                ).fetchall()
+            ]
+
+    try:
+        with (
+            serve(settings) as address,
+            httpx.Client(
+                base_url=f"http://{address}", headers={"X-API-Key": pool_engine["key"]}, timeout=120
+            ) as http,
+        ):
+            first = until(lambda: reserve() if len(reserve()) == 2 else [], "a reserve of 2")
+            assert {f"sbx-{sid}" for sid in first} <= {s.name for s in stacks.list()}
+            created = http.post("/api/v1/sandboxes", json={"template": "warm"})
+            assert created.status_code == 202, created.text
+            sid = created.json()["id"]
+            assert sid == first[0]  # the oldest reserved stack
+            until(
+                lambda: http.get(f"/api/v1/sandboxes/{sid}").json()["state"] == "running",
+                "the create running",
+            )
+            refilled = until(lambda: reserve() if len(reserve()) == 2 else [], "refilled")
+            assert sid not in refilled
+            time.sleep(3)  # orphan sweeps run every second: reserved stacks are not orphans
+            names = {s.name for s in stacks.list()}
+            assert {f"sbx-{r}" for r in refilled} <= names
+            http.delete(f"/api/v1/sandboxes/{sid}")
+            until(
+                lambda: http.get(f"/api/v1/sandboxes/{sid}").json()["state"] == "destroyed",
+                "the sandbox destroyed",
+            )
+        # A new engine process keeps the reserve as it is (rows and stacks).
+        with serve(settings):
+            time.sleep(2)
+            assert reserve(ready_only=False) == refilled
+    finally:
+        for left in reserve(ready_only=False):
+            stacks.recover(left)
+        stacks.close()
+    assert not [s.name for s in stacks.list()]
 
 
 def _drain_pool(engine: dict[str, Any], http: httpx.Client) -> None:

@@ -393,7 +393,7 @@ class Container(Resource):
                     f"container {inputs['name']!r} not healthy after "
                     f"{inputs.get('waitTimeout', 60)}s (health: {health})",
                 )
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     # --- read ------------------------------------------------------------------------------
 

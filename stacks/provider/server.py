@@ -34,6 +34,8 @@ from stacks.provider.volume import Volume
 from stacks.provider.wire import from_struct, to_struct
 
 log = logging.getLogger("pulumi-resource-docker")
+# Set by the engine when it runs this provider as its shared, long-lived one: the engine's pid.
+PARENT_ENV = "SANDBOX_PROVIDER_PARENT"
 
 RESOURCES: dict[str, Resource] = {
     r.token: r for r in (Container(), Network(), Volume(), RemoteImage())
@@ -111,10 +113,28 @@ class DockerProvider(provider_pb2_grpc.ResourceProviderServicer):
     def DiffConfig(self, request: Any, context: Any) -> provider_pb2.DiffResponse:
         return provider_pb2.DiffResponse(changes=provider_pb2.DiffResponse.DIFF_NONE)
 
+    def Handshake(self, request: Any, context: Any) -> Any:
+        # Not offered: the engine then negotiates through Configure, as with older providers.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Handshake is not offered")
+
+    def Attach(self, request: Any, context: Any) -> empty_pb2.Empty:
+        """An engine attaching to this running provider (the engine's shared provider,
+        ``PULUMI_DEBUG_PROVIDERS``) instead of starting one; we log to stderr, not to it."""
+        return empty_pb2.Empty()
+
     def Configure(self, request: Any, context: Any) -> provider_pb2.ConfigureResponse:
         args = from_struct(request.args) if request.HasField("args") else {}
-        host = args.get("host") or request.variables.get("docker:config:host")
-        self._host = host or None
+        host = args.get("host") or request.variables.get("docker:config:host") or None
+        with self._lock:
+            if self._client is not None and host != self._host:
+                # One process serves one Docker host: requests carry no trace of which
+                # Configure they follow, so a shared provider cannot switch hosts.
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"this docker provider serves {self._host or 'the default Docker host'};"
+                    f" asked for {host or 'the default Docker host'}",
+                )
+            self._host = host
         # No secrets or resource references in: the engine strips them and re-marks the outputs.
         return provider_pb2.ConfigureResponse(
             acceptSecrets=False, supportsPreview=True, acceptResources=False, acceptOutputs=False
@@ -243,8 +263,19 @@ def serve() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        # The engine's shared provider outlives single runs: it ends with the engine, even
+        # one killed with no chance to stop it (it is then re-parented).
+        threading.Thread(target=_watch_parent, args=(int(parent), stop), daemon=True).start()
     stop.wait()
     server.stop(grace=5).wait()
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            stop.set()
 
 
 def main() -> None:
