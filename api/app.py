@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CollectorRegistry, Counter
 from psycopg_pool import ConnectionPool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems, redact, terminal
 from api.routes import access, keys, ops, sandboxes, templates
@@ -22,12 +25,50 @@ from engine.settings import Settings
 from engine.stacks import StackManager
 
 MAX_BODY_BYTES = 64 * 1024
+IO_THREADS = 32
+
+
+class LimitsAndMetrics:
+    """Refuses bodies over MAX_BODY_BYTES (413) and counts requests by route and status. Plain
+    ASGI: a ``BaseHTTPMiddleware`` costs a task and a stream per request."""
+
+    def __init__(self, app: ASGIApp, requests: Counter) -> None:
+        self.app = app
+        self.requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            response = problems.problem(413, f"the body is over {MAX_BODY_BYTES} bytes")
+            await response(scope, receive, send)
+            return
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], route, str(status)).inc()
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.database_url.get_secret_value()
+        # Database calls, Docker calls and terminal set-ups run on these threads (stack
+        # operations have their own): enough that a burst never queues a request behind them.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="engine-io")
+        )
         # The schema is brought up to date before the first request (migrations are locked).
         await asyncio.to_thread(migrate, url)
         pool = ConnectionPool(url, min_size=1, max_size=16, open=False)
@@ -69,17 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.http_registry = registry
 
-    @app.middleware("http")
-    async def limits_and_metrics(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return problems.problem(413, f"the body is over {MAX_BODY_BYTES} bytes")
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(LimitsAndMetrics, requests=requests)
 
     for router in (
         ops.router,

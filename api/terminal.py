@@ -24,7 +24,14 @@ from engine.service import SandboxService
 router = APIRouter(tags=["terminal"])
 CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_NOT_RUNNING = 4401, 4404, 4409
 # Attach to (or start) the session; the newest client's size wins, so a resize applies at once.
-TMUX = ["tmux", "new-session", "-A", "-s", "main", ";", "set-option", "-g", "window-size", "latest"]
+# The shell prints its pid first (then becomes the tmux client): when the connection ends, that
+# client is sent SIGHUP — Docker leaves an exec running when its stream closes, and a client
+# left attached keeps costing tmux rendering work and a share of the sandbox's process limit.
+TMUX = [
+    "sh",
+    "-c",
+    'echo "$$"; exec tmux new-session -A -s main \\; set-option -g window-size latest',
+]
 
 
 async def _authorize(
@@ -71,12 +78,21 @@ async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> 
         await ws.close(CLOSE_NOT_RUNNING, f"the workspace is not running: {exc.explanation}"[:120])
         client.close()
         return
+    pid = ""
     try:
+        sock.setblocking(False)
+        pid, rest = await _read_pid(sock)
+        if rest:
+            await ws.send_bytes(rest)
         await _bridge(ws, client, exec_id, sock)
+    except (OSError, WebSocketDisconnect):
+        pass
     finally:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
+        if pid:
+            await asyncio.to_thread(_hang_up, client, str(workspace), user, pid)
         client.close()
 
 
@@ -98,14 +114,39 @@ def _start_exec(
     return exec_id, sock
 
 
+async def _read_pid(sock: socket.socket) -> tuple[str, bytes]:
+    """The first line the exec prints: the pid of its tmux client (in the container). Returns
+    it and whatever came after it."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\n" not in data and len(data) < 64:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 64), timeout=30)
+        if not chunk:
+            break
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    pid = line.strip().decode(errors="replace")
+    return (pid if pid.isdigit() else ""), rest
+
+
+def _hang_up(client: docker.DockerClient, container: str, user: str, pid: str) -> None:
+    """Best effort: end this connection's tmux client (the session and its shell live on).
+    As the workspace's user: with every capability dropped, only it may signal its own."""
+    with contextlib.suppress(docker.errors.DockerException):
+        exec_id = client.api.exec_create(container, ["kill", "-HUP", pid], user=user)["Id"]
+        client.api.exec_start(exec_id)
+
+
 async def _bridge(
     ws: WebSocket, client: docker.DockerClient, exec_id: str, sock: socket.socket
 ) -> None:
-    """Two pumps; when either side ends, the other is stopped and the socket closed."""
+    """Two pumps over the exec's socket, on the event loop itself (no thread per read or
+    write); when either side ends, the other is stopped."""
+    loop = asyncio.get_running_loop()
 
     async def from_shell() -> None:
         while True:
-            data = await asyncio.to_thread(sock.recv, 65536)
+            data = await loop.sock_recv(sock, 65536)
             if not data:
                 await ws.close(1000, "the shell ended")
                 return
@@ -117,18 +158,14 @@ async def _bridge(
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("bytes"):
-                await asyncio.to_thread(sock.sendall, message["bytes"])
+                await loop.sock_sendall(sock, message["bytes"])
             elif message.get("text"):
                 await _control(client, exec_id, sock, message["text"])
 
     tasks = [asyncio.create_task(from_shell()), asyncio.create_task(to_shell())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    except WebSocketDisconnect:
-        pass
     finally:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -140,7 +177,7 @@ async def _control(
     try:
         message = json.loads(text)
     except ValueError:
-        await asyncio.to_thread(sock.sendall, text.encode())  # plain text is typed input
+        await asyncio.get_running_loop().sock_sendall(sock, text.encode())  # typed input
         return
     if isinstance(message, dict) and message.get("type") == "resize":
         cols, rows = message.get("cols"), message.get("rows")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -75,6 +77,9 @@ class SandboxService:
         self._jobs: set[asyncio.Task[None]] = set()
         self._creates: dict[int, deque[float]] = defaultdict(deque)
         self._reserve_lock = asyncio.Lock()
+        self._stack_threads = ThreadPoolExecutor(
+            max_workers=settings.max_stack_operations, thread_name_prefix="stack"
+        )
         # Templates whose last pool create failed, and until when refills of it wait.
         self._pool_backoff: dict[str, float] = {}
         self.lease = workers.WorkerLease(settings.database_url.get_secret_value())
@@ -88,13 +93,26 @@ class SandboxService:
         """Wait for running jobs, then give the lease up."""
         await self.drain()
         await asyncio.to_thread(self.lease.release)
-        await asyncio.to_thread(self.stacks.close)
+        await asyncio.to_thread(self._close_stacks)
 
     @property
     def worker(self) -> str:
         return self.lease.id
 
     # --- database --------------------------------------------------------------------------
+
+    async def _stack_op(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a stack operation on the stack threads: at most ``max_stack_operations`` at
+        once, the rest queued without holding a thread. The event loop's default threads stay
+        free for database calls and terminals however many operations are waiting."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._stack_threads, functools.partial(fn, *args, **kwargs)
+        )
+
+    def _close_stacks(self) -> None:
+        self._stack_threads.shutdown(wait=True)
+        self.stacks.close()
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a repository function in one transaction, off the event loop."""
@@ -288,7 +306,7 @@ class SandboxService:
                 row.id, "progress", f"recovering: its engine process died ({row.state})"
             )
             try:
-                await asyncio.to_thread(self.stacks.recover, row.id)
+                await self._stack_op(self.stacks.recover, row.id)
             except Exception as exc:
                 log.warning("recovery of %s failed: %s", row.id, exc)
                 await self._force(row.id, SandboxState.FAILED, f"recovery failed: {exc}")
@@ -379,7 +397,7 @@ class SandboxService:
             )
             return
         try:
-            outputs = await asyncio.to_thread(
+            outputs = await self._stack_op(
                 self.stacks.repair, sandbox_id, progress=self._progress(sandbox_id)
             )
         except Exception as exc:
@@ -466,7 +484,7 @@ class SandboxService:
             alive: bool = await self.db(workers.is_alive, worker) if worker else False
             if not alive:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.stacks.recover, sid)
+                    await self._stack_op(self.stacks.recover, sid)
                 await self.db(store.drop_reserved, sid)
         made: list[str] = []
         if size == 0:
@@ -474,7 +492,7 @@ class SandboxService:
         async with self._reserve_lock:
             for sid in await self.db(store.plan_reserve, size=size, worker=self.worker):
                 try:
-                    await asyncio.to_thread(self.stacks.reserve, sid)
+                    await self._stack_op(self.stacks.reserve, sid)
                 except Exception as exc:
                     log.warning("could not initialise a reserved stack: %s", exc)
                     await self.db(store.drop_reserved, sid)
@@ -528,7 +546,7 @@ class SandboxService:
             what = ([f"stack sbx-{sid}"] if sid in stack_ids else []) + objects.get(sid, [])
             log.warning("orphaned (reason orphaned): %s; destroying", ", ".join(what))
             try:
-                await asyncio.to_thread(self.stacks.recover, sid)
+                await self._stack_op(self.stacks.recover, sid)
             except Exception as exc:
                 log.warning("could not remove orphan %s: %s", sid, exc)
                 continue
@@ -580,7 +598,7 @@ class SandboxService:
         reserved: bool = False,
     ) -> None:
         try:
-            outputs = await asyncio.to_thread(
+            outputs = await self._stack_op(
                 self.stacks.create,
                 template,
                 self.settings.templates_path,
@@ -603,7 +621,7 @@ class SandboxService:
 
     async def _destroy_job(self, sandbox_id: str, reason: DestroyReason) -> None:
         try:
-            await asyncio.to_thread(
+            await self._stack_op(
                 self.stacks.destroy, sandbox_id, progress=self._progress(sandbox_id)
             )
         except NotFoundError:

@@ -246,7 +246,7 @@ class StackManager:
         document = document if isinstance(document, dict) else {}
         document["config"] = {k: v.value for k, v in config.items() if not v.secret}
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(yaml.safe_dump(document, sort_keys=True))
+        tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
         tmp.replace(path)
         hidden = [f"{k}={v.value}" for k, v in config.items() if v.secret]
         if hidden:
@@ -608,6 +608,16 @@ def container_states(sandbox_id: str) -> dict[str, str]:
         }
     finally:
         client.close()
+
+
+class _QuotedDumper(yaml.SafeDumper):
+    """Every string double-quoted: the CLI reads the file as YAML 1.2, where an unquoted
+    ``0591488581`` (a sandbox id, say) is a number, not the string it was."""
+
+
+_QuotedDumper.add_representer(
+    str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+)
 
 
 def _follow(path: Path, deliver: Callable[[auto.EngineEvent], None], done: threading.Event) -> None:

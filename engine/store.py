@@ -57,14 +57,20 @@ def create_client(conn: psycopg.Connection, *, name: str, role: Role) -> tuple[C
 
 
 def authenticate(conn: psycopg.Connection, key: str) -> Client | None:
-    """The live client holding this key, or None; marks the key as used."""
+    """The live client holding this key, or None; marks the key as used, to the minute (a
+    write, and its commit's flush, at most once a minute per key — not on every request)."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     with conn.cursor(row_factory=class_row(Client)) as cur:
         cur.execute(
-            "UPDATE api_clients SET last_used_at = now()"
-            " WHERE key_hash = %s AND revoked_at IS NULL"
-            " RETURNING id, name, role, key_prefix, created_at, last_used_at, revoked_at",
+            "WITH found AS (SELECT id, name, role, key_prefix, created_at, last_used_at,"
+            "  revoked_at FROM api_clients WHERE key_hash = %s AND revoked_at IS NULL),"
+            " touched AS (UPDATE api_clients SET last_used_at = now() WHERE id IN"
+            "  (SELECT id FROM found WHERE last_used_at IS NULL"
+            "   OR last_used_at < now() - interval '1 minute') RETURNING last_used_at)"
+            " SELECT id, name, role, key_prefix, created_at,"
+            "  COALESCE((SELECT last_used_at FROM touched), last_used_at) AS last_used_at,"
+            "  revoked_at FROM found",
             (hash_key(key),),
         )
         return cur.fetchone()

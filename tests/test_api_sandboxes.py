@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,8 +131,20 @@ def test_lifecycle_over_http_sse_and_websocket(
                     viewer = Terminal(other)
                     await t.type("echo both-$((40+2))\r")
                     await viewer.expect("both-42")
+                    assert tmux_clients() == 2
+
+        def tmux_clients() -> int:
+            out = docker_client.containers.get(running["workspace"]).exec_run(
+                ["tmux", "list-clients"], user="coder"
+            )
+            return len(out.output.decode().splitlines()) if out.exit_code == 0 else 0
 
         asyncio.run(terminal())
+        # Every closed connection's tmux client is gone with it (none is left attached).
+        deadline = time.monotonic() + 10
+        while tmux_clients() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tmux_clients() == 0
 
         deleted = bearer.delete(f"/api/v1/sandboxes/{sandbox['id']}")
         assert deleted.status_code == 202 and deleted.json()["state"] == "destroying"

@@ -210,3 +210,26 @@ def _images_present(docker_client: docker.DockerClient) -> Iterator[None]:
         except docker.errors.ImageNotFound:
             pytest.fail(f"image {image}:latest is missing: run make images")
     yield
+
+
+def test_an_all_digit_sandbox_id_stays_a_string(
+    manager: StackManager, docker_client: docker.DockerClient
+) -> None:
+    """Ids are hex: about one in a hundred is all digits, which YAML would read as a number
+    (and the sandbox's objects would be named after 591488581, not 0591488581)."""
+    sid = "0591488581"
+    out = manager.create(
+        find(ROOT / "tests" / "fixtures" / "live-templates", "web"),
+        ROOT / "tests" / "fixtures" / "live-templates",
+        sandbox_id=sid,
+    )
+    try:
+        assert out["sandboxId"] == sid
+        assert out["workspace"] == f"sbx-{sid}-workspace"
+        labels = docker_client.containers.get(out["workspace"]).labels
+        assert labels["io.sandbox-engine.sandbox"] == sid
+    finally:
+        manager.destroy(sid)
+    assert not docker_client.containers.list(
+        all=True, filters={"label": f"io.sandbox-engine.sandbox={sid}"}
+    )
