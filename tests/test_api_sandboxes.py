@@ -16,6 +16,7 @@ import websockets
 
 from engine.migrate import migrate
 from engine.settings import Settings
+from engine.stacks import remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import Terminal, close_code, serve
 
@@ -36,8 +37,15 @@ def api(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             name: create_client(conn, name=name, role=role)[1]
             for name, role in (("alice", Role.MEMBER), ("bob", Role.MEMBER), ("root", Role.ADMIN))
         }
-    with serve(settings) as address:
-        yield {"address": address, "keys": keys, "db": module_database}
+    try:
+        with serve(settings) as address:
+            yield {"address": address, "keys": keys, "db": module_database}
+    finally:  # a failed test may have left a sandbox running
+        with psycopg.connect(module_database) as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM sandboxes").fetchall()]
+        for sid in ids:
+            remove_labelled(sid)
+            (settings.stack_config_path / f"Pulumi.sbx-{sid}.yaml").unlink(missing_ok=True)
 
 
 def client(api: dict[str, Any], who: str, form: str = "bearer") -> httpx.Client:
