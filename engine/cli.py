@@ -144,20 +144,18 @@ async def _follow(
 
 
 def _cmd_sandbox_create(settings: Settings, args: argparse.Namespace) -> int:
-    from api.routes.sandboxes import public
     from engine.service import CreateRequest
 
     async def work(service: SandboxService, client: Client) -> int:
         row, _ = await service.create(client, CreateRequest(template=args.template, ttl=args.ttl))
         row = await _follow(service, client, row.id, ("running", "failed"))
-        body = public(row)
-        if args.json:
-            print(body.model_dump_json(indent=2))
+        if args.json:  # what the API shows
+            print(json.dumps(json.loads(await service.view(client, row.id)), indent=2))
         else:
             print(
                 f"sandbox {row.id} {row.state} ({row.template}), expires "
                 f"{row.expires_at:%Y-%m-%d %H:%M} UTC; terminal: docker exec -it "
-                f"{body.workspace} bash -l"
+                f"{(row.outputs or {}).get('workspace')} bash -l"
             )
         return 0 if row.state == "running" else 1
 

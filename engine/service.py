@@ -132,6 +132,20 @@ class SandboxService:
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return row
 
+    async def view(self, client: Client, sandbox_id: str) -> bytes:
+        """The sandbox as the API shows it (JSON), if this client may see it."""
+        owner = None if client.role == "admin" else client.id
+        found: bytes | None = await self.db(store.sandbox_json, sandbox_id, owner_id=owner)
+        if found is None:
+            raise NotFoundError(f"no sandbox {sandbox_id!r}")
+        return found
+
+    async def list_view(self, client: Client, *, state: str | None) -> bytes:
+        """The client's sandboxes (an admin's: everyone's) as the API lists them (JSON)."""
+        owner = None if client.role == "admin" else client.id
+        listed: bytes = await self.db(store.sandboxes_json, owner_id=owner, state=state)
+        return listed
+
     async def list_for(self, client: Client, *, state: str | None) -> list[SandboxRow]:
         owner = None if client.role == "admin" else client.id
         rows: list[SandboxRow] = await self.db(store.list_sandboxes, owner_id=owner, state=state)

@@ -14,9 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+import orjson
 import psycopg
 from psycopg.rows import class_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
+
+# JSONB (sandbox outputs and metadata, decoded for every row a list returns) through orjson.
+set_json_loads(orjson.loads)
+set_json_dumps(orjson.dumps)
 
 KEY_PREFIX = "sek_"
 SHOWN_PREFIX = 12  # characters of a key kept to recognise it ("sek_" and 8 more)
@@ -174,6 +179,58 @@ SANDBOX_COLUMNS = (
     " metadata, worker, warned_for,"
     " (SELECT c.name FROM api_clients c WHERE c.id = sandboxes.owner_id) AS owner"
 )
+
+
+def _utc(column: str) -> str:
+    return f"to_char(s.{column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+
+# A sandbox as the API shows it (api.schemas.SandboxPublic), built by PostgreSQL: a list of
+# hundreds is encoded by the database in C, and the engine passes the bytes on untouched.
+# Timestamps are written as pydantic writes them (UTC, microseconds, "Z").
+SANDBOX_JSON = f"""json_build_object(
+    'id', s.id, 'template', s.template, 'state', s.state, 'reason', s.reason,
+    'owner', (SELECT c.name FROM api_clients c WHERE c.id = s.owner_id),
+    'created_at', {_utc("created_at")}, 'expires_at', {_utc("expires_at")},
+    'destroyed_at', CASE WHEN s.destroyed_at IS NULL THEN NULL ELSE {_utc("destroyed_at")} END,
+    'endpoints', coalesce(s.outputs -> 'endpoints', '[]'::jsonb),
+    'workspace', s.outputs ->> 'workspace',
+    'error', s.error, 'metadata', s.metadata,
+    'links', json_build_object(
+        'self', '/api/v1/sandboxes/' || s.id,
+        'events', '/api/v1/sandboxes/' || s.id || '/events',
+        'terminal', '/api/v1/ws/terminal/' || s.id,
+        'extend', '/api/v1/sandboxes/' || s.id || '/extend',
+        'access_tokens', '/api/v1/sandboxes/' || s.id || '/access-tokens'))"""
+
+
+def sandbox_json(
+    conn: psycopg.Connection, sandbox_id: str, *, owner_id: int | None
+) -> bytes | None:
+    """The API's JSON of one sandbox (``owner_id``: only if that key owns it; None: any)."""
+    row = conn.execute(
+        f"SELECT {SANDBOX_JSON}::text FROM sandboxes s WHERE s.id = %(id)s"
+        " AND (%(owner)s::bigint IS NULL OR s.owner_id = %(owner)s)",
+        {"id": sandbox_id, "owner": owner_id},
+    ).fetchone()
+    return str(row[0]).encode() if row else None
+
+
+def sandboxes_json(
+    conn: psycopg.Connection, *, owner_id: int | None, state: str | None, limit: int = 200
+) -> bytes:
+    """``{"items": [...]}``: the API's list, newest first (``owner_id=None``: everyone's)."""
+    row = conn.execute(
+        "SELECT json_build_object('items', coalesce(json_agg(j ORDER BY created_at DESC),"
+        " '[]'))::text FROM ("
+        f" SELECT {SANDBOX_JSON} AS j, s.created_at FROM sandboxes s"
+        " WHERE (%(owner)s::bigint IS NULL OR s.owner_id = %(owner)s)"
+        " AND (%(state)s::text IS NULL OR s.state = %(state)s)"
+        " ORDER BY s.created_at DESC LIMIT %(limit)s) listed",
+        {"owner": owner_id, "state": state, "limit": limit},
+    ).fetchone()
+    assert row is not None
+    return str(row[0]).encode()
 
 
 def insert_sandbox(

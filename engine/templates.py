@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -111,8 +112,33 @@ def _parse(text: str, file: str) -> tuple[Any, _Lines]:
     return data, _Lines(node)
 
 
+# Loaded templates by file, with the (mtime, size) they were read at: the API lists and reads
+# templates on every request, and parsing with line tracking costs milliseconds a file.
+_CACHE: dict[str, tuple[tuple[int, int], Template]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
 def load(path: Path) -> Template:
-    """Load and validate one template file; raise TemplateError listing every problem."""
+    """Load and validate one template file; raise TemplateError listing every problem. A file
+    unchanged since its last load (same mtime and size) is not read again."""
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is not None:
+        key = (stat.st_mtime_ns, stat.st_size)
+        with _CACHE_LOCK:
+            cached = _CACHE.get(str(path))
+        if cached and cached[0] == key:
+            return cached[1]
+    template = _load(path)
+    if stat is not None:
+        with _CACHE_LOCK:
+            _CACHE[str(path)] = ((stat.st_mtime_ns, stat.st_size), template)
+    return template
+
+
+def _load(path: Path) -> Template:
     file = str(path)
     data = path.read_bytes()
     if len(data) > MAX_FILE_BYTES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -14,36 +14,15 @@ from api.deps import ClientDep, ServiceDep
 from api.schemas import AccessToken, SandboxCreate, SandboxExtend, SandboxList, SandboxPublic
 from engine import tokens
 from engine.service import CreateRequest
-from engine.store import SandboxRow
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["sandboxes"])
 STREAM_END = ("running", "failed", "destroyed", "expired")
 
 
-def public(row: SandboxRow) -> SandboxPublic:
-    outputs: dict[str, Any] = row.outputs or {}
-    base = f"/api/v1/sandboxes/{row.id}"
-    return SandboxPublic(
-        id=row.id,
-        template=row.template,
-        state=row.state,
-        reason=row.reason,
-        owner=row.owner,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        destroyed_at=row.destroyed_at,
-        endpoints=outputs.get("endpoints", []),
-        workspace=outputs.get("workspace"),
-        error=row.error,
-        metadata=row.metadata,
-        links={
-            "self": base,
-            "events": f"{base}/events",
-            "terminal": f"/api/v1/ws/terminal/{row.id}",
-            "extend": f"{base}/extend",
-            "access_tokens": f"{base}/access-tokens",
-        },
-    )
+def shown(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A sandbox (or a list) as the database encoded it: ``engine.store.SANDBOX_JSON`` is the
+    one definition of the ``SandboxPublic`` shape (tests/test_api.py checks it)."""
+    return Response(body, status, headers, media_type="application/json")
 
 
 @router.post(
@@ -56,9 +35,8 @@ async def create_sandbox(
     body: SandboxCreate,
     client: ClientDep,
     service: ServiceDep,
-    response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> SandboxPublic:
+) -> Response:
     """Start a sandbox: answers at once with state `creating` (202); poll or stream its
     events. When the template keeps a warm pool and the request sets no `env`, a sandbox made
     ahead is handed over instead: 201, state `running`, TTL counted from now."""
@@ -72,12 +50,13 @@ async def create_sandbox(
             idempotency_key=idempotency_key,
         ),
     )
-    response.headers["Location"] = f"/api/v1/sandboxes/{row.id}"
+    status = 202
     if not created:
-        response.status_code = 200
+        status = 200
     elif row.state == "running":  # served from the warm pool: running already
-        response.status_code = 201
-    return public(row)
+        status = 201
+    view = await service.view(client, row.id)
+    return shown(view, status, {"Location": f"/api/v1/sandboxes/{row.id}"})
 
 
 @router.get("", response_model=SandboxList)
@@ -88,22 +67,23 @@ async def list_sandboxes(
         str | None,
         Query(pattern="^(creating|pooled|running|repairing|failed|destroying|destroyed|expired)$"),
     ] = None,
-) -> SandboxList:
+) -> Response:
     """Your sandboxes (an admin key sees everyone's), newest first."""
-    return SandboxList(items=[public(r) for r in await service.list_for(client, state=state)])
+    return shown(await service.list_view(client, state=state))
 
 
 @router.get("/{sandbox_id}", response_model=SandboxPublic, responses={404: {}})
-async def get_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep) -> SandboxPublic:
-    return public(await service.get(client, sandbox_id))
+async def get_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep) -> Response:
+    return shown(await service.view(client, sandbox_id))
 
 
 @router.delete(
     "/{sandbox_id}", status_code=202, response_model=SandboxPublic, responses={404: {}, 409: {}}
 )
-async def delete_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep) -> SandboxPublic:
+async def delete_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep) -> Response:
     """Start destroying the sandbox: state `destroying`, then `destroyed`."""
-    return public(await service.destroy(client, sandbox_id))
+    row = await service.destroy(client, sandbox_id)
+    return shown(await service.view(client, row.id), 202)
 
 
 @router.post(
@@ -111,9 +91,10 @@ async def delete_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep
 )
 async def extend_sandbox(
     sandbox_id: str, body: SandboxExtend, client: ClientDep, service: ServiceDep
-) -> SandboxPublic:
+) -> Response:
     """Set the time to live from now, up to the template's max_ttl from creation."""
-    return public(await service.extend(client, sandbox_id, body.ttl))
+    row = await service.extend(client, sandbox_id, body.ttl)
+    return shown(await service.view(client, row.id))
 
 
 @router.post(
