@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CollectorRegistry, Counter
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,9 +79,11 @@ def create_app(settings: Settings) -> FastAPI:
         await asyncio.to_thread(migrate, url)
         pool = ConnectionPool(url, min_size=1, max_size=16, open=False)
         await asyncio.to_thread(pool.open, True, 30.0)
+        reads = AsyncConnectionPool(url, min_size=1, max_size=8, open=False)
+        await reads.open(wait=True, timeout=30.0)
         stacks = await asyncio.to_thread(StackManager, settings)
         app.state.settings = settings
-        app.state.service = SandboxService(settings, pool, stacks)
+        app.state.service = SandboxService(settings, pool, stacks, reads)
         await app.state.service.start()
         app.state.secret_key = tokens.secret_key(settings)
         # Sandboxes a previous engine process left mid-operation are settled first.
@@ -97,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
             if reaper is not None:
                 reaper.cancel()
             await app.state.service.close()
+            await reads.close()
             await asyncio.to_thread(pool.close)
 
     app = FastAPI(

@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from engine import store
 from engine.service import SandboxService
 from engine.store import Client
 
@@ -20,7 +19,8 @@ class Unauthorized(HTTPException):
         super().__init__(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def get_service(request: Request) -> SandboxService:
+async def get_service(request: Request) -> SandboxService:
+    # async: FastAPI runs a plain function dependency on a worker thread, a hop per request.
     service: SandboxService = request.app.state.service
     return service
 
@@ -32,7 +32,7 @@ async def key_client(service: SandboxService, key: str | None) -> Client:
     """The live client for a key; failures are rate-limited by the caller's address."""
     if not key:
         raise Unauthorized()
-    client: Client | None = await service.db(store.authenticate, key)
+    client = await service.authenticate(key)
     if client is None:
         raise Unauthorized("the API key is unknown or revoked")
     return client

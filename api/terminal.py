@@ -46,7 +46,7 @@ async def _authorize(
             await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
         return row
     key = token or ws.headers.get("x-api-key") or ws.headers.get("authorization", "")[7:]
-    client = await service.db(store.authenticate, key) if key else None
+    client = await service.authenticate(key) if key else None
     if client is None:
         await ws.close(CLOSE_UNAUTHORIZED, "a valid API key or access token is required")
         return None

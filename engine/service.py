@@ -22,7 +22,7 @@ from typing import Any
 import docker
 import docker.errors
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from engine import store, workers
 from engine.errors import ConflictError, EngineError, NotFoundError
@@ -70,9 +70,18 @@ class CreateRequest:
 
 
 class SandboxService:
-    def __init__(self, settings: Settings, pool: ConnectionPool, stacks: StackManager) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: ConnectionPool,
+        stacks: StackManager,
+        reads: AsyncConnectionPool | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
+        # The API's hot reads (authentication, GET one, GET list) on the event loop itself:
+        # no thread hop per query. Without it (the CLI) they run like every other call.
+        self.reads = reads
         self.stacks = stacks
         self._jobs: set[asyncio.Task[None]] = set()
         self._creates: dict[int, deque[float]] = defaultdict(deque)
@@ -132,10 +141,22 @@ class SandboxService:
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return row
 
+    async def authenticate(self, key: str) -> Client | None:
+        if self.reads is None:
+            client: Client | None = await self.db(store.authenticate, key)
+            return client
+        async with self.reads.connection() as conn:
+            return await store.authenticate_async(conn, key)
+
     async def view(self, client: Client, sandbox_id: str) -> bytes:
         """The sandbox as the API shows it (JSON), if this client may see it."""
         owner = None if client.role == "admin" else client.id
-        found: bytes | None = await self.db(store.sandbox_json, sandbox_id, owner_id=owner)
+        found: bytes | None
+        if self.reads is None:
+            found = await self.db(store.sandbox_json, sandbox_id, owner_id=owner)
+        else:
+            async with self.reads.connection() as conn:
+                found = await store.sandbox_json_async(conn, sandbox_id, owner_id=owner)
         if found is None:
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return found
@@ -143,8 +164,11 @@ class SandboxService:
     async def list_view(self, client: Client, *, state: str | None) -> bytes:
         """The client's sandboxes (an admin's: everyone's) as the API lists them (JSON)."""
         owner = None if client.role == "admin" else client.id
-        listed: bytes = await self.db(store.sandboxes_json, owner_id=owner, state=state)
-        return listed
+        if self.reads is None:
+            listed: bytes = await self.db(store.sandboxes_json, owner_id=owner, state=state)
+            return listed
+        async with self.reads.connection() as conn:
+            return await store.sandboxes_json_async(conn, owner_id=owner, state=state)
 
     async def list_for(self, client: Client, *, state: str | None) -> list[SandboxRow]:
         owner = None if client.role == "admin" else client.id

@@ -61,24 +61,39 @@ def create_client(conn: psycopg.Connection, *, name: str, role: Role) -> tuple[C
     return client, key
 
 
+_AUTHENTICATE = (
+    "WITH found AS (SELECT id, name, role, key_prefix, created_at, last_used_at,"
+    "  revoked_at FROM api_clients WHERE key_hash = %s AND revoked_at IS NULL),"
+    " touched AS (UPDATE api_clients SET last_used_at = now() WHERE id IN"
+    "  (SELECT id FROM found WHERE last_used_at IS NULL"
+    "   OR last_used_at < now() - interval '1 minute') RETURNING last_used_at)"
+    " SELECT id, name, role, key_prefix, created_at,"
+    "  COALESCE((SELECT last_used_at FROM touched), last_used_at) AS last_used_at,"
+    "  revoked_at FROM found"
+)
+
+
+def _key_ok(key: str) -> bool:
+    return key.startswith(KEY_PREFIX) and len(key) <= 200
+
+
 def authenticate(conn: psycopg.Connection, key: str) -> Client | None:
     """The live client holding this key, or None; marks the key as used, to the minute (a
     write, and its commit's flush, at most once a minute per key — not on every request)."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+    if not _key_ok(key):
         return None
     with conn.cursor(row_factory=class_row(Client)) as cur:
-        cur.execute(
-            "WITH found AS (SELECT id, name, role, key_prefix, created_at, last_used_at,"
-            "  revoked_at FROM api_clients WHERE key_hash = %s AND revoked_at IS NULL),"
-            " touched AS (UPDATE api_clients SET last_used_at = now() WHERE id IN"
-            "  (SELECT id FROM found WHERE last_used_at IS NULL"
-            "   OR last_used_at < now() - interval '1 minute') RETURNING last_used_at)"
-            " SELECT id, name, role, key_prefix, created_at,"
-            "  COALESCE((SELECT last_used_at FROM touched), last_used_at) AS last_used_at,"
-            "  revoked_at FROM found",
-            (hash_key(key),),
-        )
+        cur.execute(_AUTHENTICATE, (hash_key(key),))
         return cur.fetchone()
+
+
+async def authenticate_async(conn: psycopg.AsyncConnection, key: str) -> Client | None:
+    """``authenticate`` on the event loop's own connection (the API's request path)."""
+    if not _key_ok(key):
+        return None
+    async with conn.cursor(row_factory=class_row(Client)) as cur:
+        await cur.execute(_AUTHENTICATE, (hash_key(key),))
+        return await cur.fetchone()
 
 
 def list_clients(conn: psycopg.Connection) -> list[Client]:
@@ -204,15 +219,33 @@ SANDBOX_JSON = f"""json_build_object(
         'access_tokens', '/api/v1/sandboxes/' || s.id || '/access-tokens'))"""
 
 
+_SANDBOX_JSON = (
+    f"SELECT {SANDBOX_JSON}::text FROM sandboxes s WHERE s.id = %(id)s"
+    " AND (%(owner)s::bigint IS NULL OR s.owner_id = %(owner)s)"
+)
+_SANDBOXES_JSON = (
+    "SELECT json_build_object('items', coalesce(json_agg(j ORDER BY created_at DESC),"
+    " '[]'))::text FROM ("
+    f" SELECT {SANDBOX_JSON} AS j, s.created_at FROM sandboxes s"
+    " WHERE (%(owner)s::bigint IS NULL OR s.owner_id = %(owner)s)"
+    " AND (%(state)s::text IS NULL OR s.state = %(state)s)"
+    " ORDER BY s.created_at DESC LIMIT %(limit)s) listed"
+)
+
+
 def sandbox_json(
     conn: psycopg.Connection, sandbox_id: str, *, owner_id: int | None
 ) -> bytes | None:
     """The API's JSON of one sandbox (``owner_id``: only if that key owns it; None: any)."""
-    row = conn.execute(
-        f"SELECT {SANDBOX_JSON}::text FROM sandboxes s WHERE s.id = %(id)s"
-        " AND (%(owner)s::bigint IS NULL OR s.owner_id = %(owner)s)",
-        {"id": sandbox_id, "owner": owner_id},
-    ).fetchone()
+    row = conn.execute(_SANDBOX_JSON, {"id": sandbox_id, "owner": owner_id}).fetchone()
+    return str(row[0]).encode() if row else None
+
+
+async def sandbox_json_async(
+    conn: psycopg.AsyncConnection, sandbox_id: str, *, owner_id: int | None
+) -> bytes | None:
+    cur = await conn.execute(_SANDBOX_JSON, {"id": sandbox_id, "owner": owner_id})
+    row = await cur.fetchone()
     return str(row[0]).encode() if row else None
 
 
@@ -220,15 +253,17 @@ def sandboxes_json(
     conn: psycopg.Connection, *, owner_id: int | None, state: str | None, limit: int = 200
 ) -> bytes:
     """``{"items": [...]}``: the API's list, newest first (``owner_id=None``: everyone's)."""
-    row = conn.execute(
-        "SELECT json_build_object('items', coalesce(json_agg(j ORDER BY created_at DESC),"
-        " '[]'))::text FROM ("
-        f" SELECT {SANDBOX_JSON} AS j, s.created_at FROM sandboxes s"
-        " WHERE (%(owner)s::bigint IS NULL OR s.owner_id = %(owner)s)"
-        " AND (%(state)s::text IS NULL OR s.state = %(state)s)"
-        " ORDER BY s.created_at DESC LIMIT %(limit)s) listed",
-        {"owner": owner_id, "state": state, "limit": limit},
-    ).fetchone()
+    params = {"owner": owner_id, "state": state, "limit": limit}
+    row = conn.execute(_SANDBOXES_JSON, params).fetchone()
+    assert row is not None
+    return str(row[0]).encode()
+
+
+async def sandboxes_json_async(
+    conn: psycopg.AsyncConnection, *, owner_id: int | None, state: str | None, limit: int = 200
+) -> bytes:
+    params = {"owner": owner_id, "state": state, "limit": limit}
+    row = await (await conn.execute(_SANDBOXES_JSON, params)).fetchone()
     assert row is not None
     return str(row[0]).encode()
 

@@ -278,6 +278,35 @@ def pooled(quick: bool) -> dict[str, Any]:
     return {"pooled create, workspace-only (POST to running)": {"engine": summary(samples)}}
 
 
+def docker_concurrent(n: int) -> float:
+    """The baseline of ``concurrent``: ``n`` workspace-only sandboxes made at once with the
+    Docker SDK (a thread and a client each); seconds until all are made. Then removed."""
+    made: list[list[Any]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        client = docker.from_env(timeout=300)
+        try:
+            _, objects = docker_create(client, "web")
+            with lock:
+                made.append(objects)
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - started
+    for objects in made:
+        docker_destroy(objects)
+    if len(made) != n:
+        raise RuntimeError(f"only {len(made)} of {n} made with the Docker SDK")
+    return took
+
+
 def concurrent(engine: Engine) -> tuple[dict[str, Any], list[str]]:
     """20 creates at once (``web``): time until all run, errors, and the engine's memory per
     stack operation in flight (peak resident memory of the engine and its children — CLI
@@ -323,11 +352,14 @@ def concurrent(engine: Engine) -> tuple[dict[str, Any], list[str]]:
         stop.set()
         sampler.join()
     in_flight = min(n, int(os.environ.get("SANDBOX_MAX_STACK_OPERATIONS", "4")))
+    raw = docker_concurrent(n)
     return {
         "creates": n,
         "errors": len(errors),
         "error_samples": errors[:3],
         "all_running_s": all_running,
+        "docker_all_made_s": raw,
+        "ratio": all_running / raw,
         "engine_rss_idle_mb": idle,
         "engine_rss_peak_mb": peak,
         "stack_operations_at_once": in_flight,

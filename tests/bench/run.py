@@ -75,8 +75,10 @@ def report(r: dict[str, Any]) -> str:
     c = r["concurrency"]
     lines += [
         "",
-        f"{c['creates']} creates at once: all running in {_s(c['all_running_s'])},"
-        f" {c['errors']} errors; engine memory {c['engine_rss_idle_mb']:.0f} MB idle,"
+        f"{c['creates']} creates at once: all running in {_s(c['all_running_s'])}"
+        f" (the Docker SDK, {c['creates']} threads: {_s(c['docker_all_made_s'])};"
+        f" {c['ratio']:.1f}x), {c['errors']} errors;"
+        f" engine memory {c['engine_rss_idle_mb']:.0f} MB idle,"
         f" {c['engine_rss_peak_mb']:.0f} MB at peak:"
         f" {c['mb_per_operation_in_flight']:.0f} MB per stack operation in flight"
         f" ({c['stack_operations_at_once']} at once)",

@@ -283,7 +283,7 @@ def run(engine: Engine, quick: bool, sandbox: str | None = None) -> dict[str, An
     load_before = os.getloadavg()
     echoes = 300 if quick else 1000
     total = (20 if quick else 50) * 1_000_000
-    repeats = 3 if quick else 5
+    repeats = 2 if quick else 5
     workspace = load(LIVE / "web.yaml").workspace
     client = docker.from_env(timeout=120)
     with api_client(engine) as http:
