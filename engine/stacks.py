@@ -225,7 +225,9 @@ class StackManager:
             if watcher is not None:
                 watcher.join(timeout=30)
             if server is not None:
-                server.stop(0)
+                # A program still running (the CLI failed or was stopped under it) gets a
+                # moment to end on its own rather than being cut off mid-coroutine.
+                server.stop(grace=5).wait(timeout=10)
             if log_dir is not None:
                 log_dir.cleanup()
 
