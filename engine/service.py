@@ -395,13 +395,18 @@ class SandboxService:
                 store.list_sandboxes, owner_id=None, state=state, limit=100_000
             )
         ]
-        started = []
+        started: list[str] = []
+        if not rows or not self.stacks.instance:
+            return started
+        # Rows first, then containers: a sandbox that settles in between is skipped below
+        # (its state no longer allows a repair).
+        everything = await asyncio.to_thread(container_states, self.stacks.instance)
         for row in rows:
             declared = (row.outputs or {}).get("containers")
             expected = [str(n) for n in declared.values()] if isinstance(declared, dict) else []
             if not expected:
                 continue
-            states = await asyncio.to_thread(container_states, row.id)
+            states = everything.get(row.id, {})
             if any(states.get(n) == "removing" for n in expected):
                 continue  # Docker is still removing it: repair once it is gone (next pass)
             broken = [n for n in expected if states.get(n) not in HEALTHY]

@@ -598,16 +598,21 @@ def engine_objects(instance: str) -> dict[str, list[str]]:
     return found
 
 
-def container_states(sandbox_id: str) -> dict[str, str]:
-    """Name → Docker status (running, exited, restarting, …) of the sandbox's containers."""
-    client = docker.from_env(timeout=30)
+def container_states(instance: str) -> dict[str, dict[str, str]]:
+    """Sandbox id → container name → Docker state (running, exited, restarting, removing…) of
+    every container this engine instance made: one Docker call for all sandboxes (the list
+    itself, no inspect per container)."""
+    client = docker.from_env(timeout=60)
     try:
-        return {
-            c.name: c.status
-            for c in client.containers.list(
-                all=True, filters={"label": f"{L_SANDBOX}={sandbox_id}"}
-            )
-        }
+        found: dict[str, dict[str, str]] = {}
+        for c in client.containers.list(
+            all=True, sparse=True, filters={"label": [f"{L_ENGINE}={instance}", L_SANDBOX]}
+        ):
+            sid = (c.attrs.get("Labels") or {}).get(L_SANDBOX)
+            names = c.attrs.get("Names") or []
+            if sid and names:
+                found.setdefault(sid, {})[names[0].lstrip("/")] = str(c.attrs.get("State"))
+        return found
     finally:
         client.close()
 
