@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 from collections.abc import Callable, Iterable
@@ -44,6 +45,51 @@ def check_dockerd() -> Check:
             "deploy/local/dockerd.sh (or: make run / make test)",
         )
     return Check("dockerd", True, f"Docker Engine {info.get('Version', '?')}")
+
+
+# Docker's built-in pools when none is configured: 172.17-31.0.0/16 and 192.168.0.0/16 in /20s.
+DOCKER_DEFAULT_POOLS = [
+    {"Base": "172.17.0.0/12", "Size": 16},
+    {"Base": "192.168.0.0/16", "Size": 20},
+]
+# Sandbox networks a host should have room for (every sandbox has one).
+MIN_NETWORKS = 100
+
+
+def network_capacity(pools: list[dict[str, object]] | None) -> int:
+    """How many networks Docker's default address pools can hand out (nothing configured:
+    Docker's own pools, about 30)."""
+    total = 0
+    for pool in pools or DOCKER_DEFAULT_POOLS:
+        base = ipaddress.ip_network(str(pool["Base"]), strict=False)
+        size = int(str(pool["Size"]))
+        if size >= base.prefixlen:
+            total += 2 ** (size - base.prefixlen)
+    return total
+
+
+def check_address_pool() -> Check:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=5)
+        pools = client.info().get("DefaultAddressPools")
+        client.close()
+    except Exception as exc:  # dockerd's own row says why
+        return Check("docker address pool", False, f"dockerd did not answer: {type(exc).__name__}")
+    room = network_capacity(pools)
+    where = (
+        ", ".join(f"{p['Base']} in /{p['Size']}s" for p in pools) if pools else "Docker's defaults"
+    )
+    if room < MIN_NETWORKS:
+        return Check(
+            "docker address pool",
+            False,
+            f"room for {room} networks ({where}); every sandbox needs one",
+            "default-address-pools in /etc/docker/daemon.json (docs/operations.md), or "
+            "restart dockerd with deploy/local/dockerd.sh",
+        )
+    return Check("docker address pool", True, f"room for {room} sandbox networks ({where})")
 
 
 def check_postgres(settings: Settings) -> Check:
@@ -176,6 +222,7 @@ def check_package() -> Check:
 def run_checks(settings: Settings) -> list[Check]:
     checks: Iterable[Callable[[], Check]] = (
         check_dockerd,
+        check_address_pool,
         lambda: check_postgres(settings),
         lambda: check_pulumi(settings),
         lambda: check_language_host(settings),

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.doctor import run_checks
+import pytest
+
+from engine.doctor import network_capacity, run_checks
 from engine.settings import Settings
 from tests.conftest import ROOT
 
@@ -28,6 +30,19 @@ def test_every_component_is_ok_after_setup(settings: Settings) -> None:
     assert not failed, failed
 
 
+@pytest.mark.parametrize(
+    ("pools", "networks"),
+    [
+        (None, 16 + 16),  # Docker's defaults: the 31st sandbox would find no address
+        ([{"Base": "10.213.0.0/16", "Size": 26}], 1024),  # deploy/local/dockerd.sh
+        ([{"Base": "10.0.0.0/8", "Size": 24}, {"Base": "172.16.0.0/12", "Size": 24}], 69632),
+        ([{"Base": "10.1.0.0/24", "Size": 16}], 0),  # a size wider than its base: nothing
+    ],
+)
+def test_network_capacity(pools: list[dict[str, object]] | None, networks: int) -> None:
+    assert network_capacity(pools) == networks
+
+
 def test_make_doctor_prints_a_table_and_exits_0() -> None:
     out = subprocess.run(
         ["make", "-s", "doctor"], capture_output=True, text=True, cwd=ROOT, timeout=120
@@ -36,6 +51,7 @@ def test_make_doctor_prints_a_table_and_exits_0() -> None:
     rows = out.stdout.splitlines()
     for component in (
         "dockerd",
+        "docker address pool",
         "postgresql",
         "pulumi CLI",
         "language host",
