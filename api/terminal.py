@@ -73,7 +73,7 @@ async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> 
     user, workdir = template.workspace.user, template.workspace.workdir
     client = docker.from_env(timeout=30)
     try:
-        exec_id, sock = await asyncio.to_thread(_start_exec, client, str(workspace), user, workdir)
+        exec_id, sock = await asyncio.to_thread(start_exec, client, str(workspace), user, workdir)
     except docker.errors.APIError as exc:
         await ws.close(CLOSE_NOT_RUNNING, f"the workspace is not running: {exc.explanation}"[:120])
         client.close()
@@ -96,7 +96,7 @@ async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> 
         client.close()
 
 
-def _start_exec(
+def start_exec(
     client: docker.DockerClient, container: str, user: str, workdir: str
 ) -> tuple[str, socket.socket]:
     api = client.api

@@ -14,6 +14,7 @@ from api.deps import ClientDep, ServiceDep
 from api.schemas import AccessToken, SandboxCreate, SandboxExtend, SandboxList, SandboxPublic
 from engine import tokens
 from engine.service import CreateRequest
+from engine.store import SandboxState
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["sandboxes"])
 STREAM_END = ("running", "failed", "destroyed", "expired")
@@ -65,7 +66,7 @@ async def list_sandboxes(
     service: ServiceDep,
     state: Annotated[
         str | None,
-        Query(pattern="^(creating|pooled|running|repairing|failed|destroying|destroyed|expired)$"),
+        Query(pattern=f"^({'|'.join(SandboxState)})$"),
     ] = None,
 ) -> Response:
     """Your sandboxes (an admin key sees everyone's), newest first."""

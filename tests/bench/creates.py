@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,15 @@ def pooled(quick: bool) -> dict[str, Any]:
     return {"pooled create, workspace-only (POST to running)": {"engine": summary(samples)}}
 
 
+def at_once(work: Callable[[], None], n: int) -> None:
+    """Run ``work`` in ``n`` threads started together; return when all have ended."""
+    threads = [threading.Thread(target=work) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def docker_concurrent(n: int) -> float:
     """The baseline of ``concurrent``: ``n`` workspace-only sandboxes made at once with the
     Docker SDK (a thread and a client each); seconds until all are made. Then removed."""
@@ -294,11 +303,7 @@ def docker_concurrent(n: int) -> float:
             client.close()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(one, n)
     took = time.perf_counter() - started
     for objects in made:
         docker_destroy(objects)
@@ -343,11 +348,7 @@ def concurrent(engine: Engine) -> tuple[dict[str, Any], list[str]]:
                 with lock:
                     errors.append(str(exc)[:300])
 
-        threads = [threading.Thread(target=one) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        at_once(one, n)
         all_running = time.perf_counter() - started
         stop.set()
         sampler.join()

@@ -198,7 +198,7 @@ def run(engine: Engine, quick: bool, ids: list[str] | None = None) -> dict[str, 
     }
     with api_client(engine) as http:
         time.sleep(2)
-        result["rss_mb_idle_empty"] = rss_tree_mb(engine.pid)
+        result["rss_mb_before_creating"] = rss_tree_mb(engine.pid)
         start = time.perf_counter()
         given = list(ids or [])
         ids = given + create_running(http, "web", max(0, n - len(given)), CONCURRENCY)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import docker
 from websockets.sync.client import ClientConnection, connect
 
-from api.terminal import TMUX
+from api.terminal import start_exec
 from engine.templates import load
 from tests.bench.harness import (
     LIVE,
@@ -115,17 +115,7 @@ class ExecChannel:
 
     def __init__(self, client: docker.DockerClient, container: str, user: str, workdir: str):
         self.api = client.api
-        self.exec_id: str = self.api.exec_create(
-            container,
-            TMUX,
-            stdin=True,
-            tty=True,
-            user=user,
-            workdir=workdir,
-            environment={"TERM": "xterm-256color", "LANG": "en_US.UTF-8"},
-        )["Id"]
-        raw = self.api.exec_start(self.exec_id, tty=True, socket=True)
-        self.sock: socket.socket = getattr(raw, "_sock", raw)
+        self.exec_id, self.sock = start_exec(client, container, user, workdir)
         self.received = self.chunks = 0
 
     def send(self, data: bytes) -> None:
