@@ -103,7 +103,7 @@ def _with_service(settings: Settings, work: Callable[..., Awaitable[int]]) -> in
     as the local CLI's admin identity; running jobs finish before the command returns."""
     import asyncio
 
-    from psycopg_pool import ConnectionPool
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
     from engine import store
     from engine.migrate import migrate
@@ -114,13 +114,17 @@ def _with_service(settings: Settings, work: Callable[..., Awaitable[int]]) -> in
         await asyncio.to_thread(migrate, url)
         pool = ConnectionPool(url, min_size=1, max_size=4, open=False)
         await asyncio.to_thread(pool.open, True, 30.0)
-        service = SandboxService(settings, pool, await asyncio.to_thread(_manager, settings))
+        reads = AsyncConnectionPool(url, min_size=1, max_size=2, open=False)
+        await reads.open(wait=True, timeout=30.0)
+        manager = await asyncio.to_thread(_manager, settings)
+        service = SandboxService(settings, pool, manager, reads)
         try:
             await service.start()
             client = await service.db(store.local_client)
             return await work(service, client)
         finally:
             await service.close()
+            await reads.close()
             await asyncio.to_thread(pool.close)
 
     return asyncio.run(main())
@@ -354,8 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     slist = sandbox_sub.add_parser("list", help="sandboxes, newest first")
     slist.add_argument(
         "--state",
+        # engine.store.SandboxState's values, spelled out: importing the store (psycopg) would
+        # add ~0.1 s to every command.
         choices=[
             "creating",
+            "pooled",
             "running",
             "repairing",
             "failed",

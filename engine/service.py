@@ -75,12 +75,12 @@ class SandboxService:
         settings: Settings,
         pool: ConnectionPool,
         stacks: StackManager,
-        reads: AsyncConnectionPool | None = None,
+        reads: AsyncConnectionPool,
     ) -> None:
         self.settings = settings
         self.pool = pool
         # The API's hot reads (authentication, GET one, GET list) on the event loop itself:
-        # no thread hop per query. Without it (the CLI) they run like every other call.
+        # no thread hop per query.
         self.reads = reads
         self.stacks = stacks
         self._jobs: set[asyncio.Task[None]] = set()
@@ -142,21 +142,14 @@ class SandboxService:
         return row
 
     async def authenticate(self, key: str) -> Client | None:
-        if self.reads is None:
-            client: Client | None = await self.db(store.authenticate, key)
-            return client
         async with self.reads.connection() as conn:
-            return await store.authenticate_async(conn, key)
+            return await store.authenticate(conn, key)
 
     async def view(self, client: Client, sandbox_id: str) -> bytes:
         """The sandbox as the API shows it (JSON), if this client may see it."""
         owner = None if client.role == "admin" else client.id
-        found: bytes | None
-        if self.reads is None:
-            found = await self.db(store.sandbox_json, sandbox_id, owner_id=owner)
-        else:
-            async with self.reads.connection() as conn:
-                found = await store.sandbox_json_async(conn, sandbox_id, owner_id=owner)
+        async with self.reads.connection() as conn:
+            found = await store.sandbox_json(conn, sandbox_id, owner_id=owner)
         if found is None:
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return found
@@ -164,11 +157,8 @@ class SandboxService:
     async def list_view(self, client: Client, *, state: str | None) -> bytes:
         """The client's sandboxes (an admin's: everyone's) as the API lists them (JSON)."""
         owner = None if client.role == "admin" else client.id
-        if self.reads is None:
-            listed: bytes = await self.db(store.sandboxes_json, owner_id=owner, state=state)
-            return listed
         async with self.reads.connection() as conn:
-            return await store.sandboxes_json_async(conn, owner_id=owner, state=state)
+            return await store.sandboxes_json(conn, owner_id=owner, state=state)
 
     async def list_for(self, client: Client, *, state: str | None) -> list[SandboxRow]:
         owner = None if client.role == "admin" else client.id

@@ -73,23 +73,11 @@ _AUTHENTICATE = (
 )
 
 
-def _key_ok(key: str) -> bool:
-    return key.startswith(KEY_PREFIX) and len(key) <= 200
-
-
-def authenticate(conn: psycopg.Connection, key: str) -> Client | None:
+async def authenticate(conn: psycopg.AsyncConnection, key: str) -> Client | None:
     """The live client holding this key, or None; marks the key as used, to the minute (a
-    write, and its commit's flush, at most once a minute per key — not on every request)."""
-    if not _key_ok(key):
-        return None
-    with conn.cursor(row_factory=class_row(Client)) as cur:
-        cur.execute(_AUTHENTICATE, (hash_key(key),))
-        return cur.fetchone()
-
-
-async def authenticate_async(conn: psycopg.AsyncConnection, key: str) -> Client | None:
-    """``authenticate`` on the event loop's own connection (the API's request path)."""
-    if not _key_ok(key):
+    write, and its commit's flush, at most once a minute per key — not on every request).
+    Async: it runs on the API's request path, on the event loop's own connection."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     async with conn.cursor(row_factory=class_row(Client)) as cur:
         await cur.execute(_AUTHENTICATE, (hash_key(key),))
@@ -233,35 +221,19 @@ _SANDBOXES_JSON = (
 )
 
 
-def sandbox_json(
-    conn: psycopg.Connection, sandbox_id: str, *, owner_id: int | None
-) -> bytes | None:
-    """The API's JSON of one sandbox (``owner_id``: only if that key owns it; None: any)."""
-    row = conn.execute(_SANDBOX_JSON, {"id": sandbox_id, "owner": owner_id}).fetchone()
-    return str(row[0]).encode() if row else None
-
-
-async def sandbox_json_async(
+async def sandbox_json(
     conn: psycopg.AsyncConnection, sandbox_id: str, *, owner_id: int | None
 ) -> bytes | None:
+    """The API's JSON of one sandbox (``owner_id``: only if that key owns it; None: any)."""
     cur = await conn.execute(_SANDBOX_JSON, {"id": sandbox_id, "owner": owner_id})
     row = await cur.fetchone()
     return str(row[0]).encode() if row else None
 
 
-def sandboxes_json(
-    conn: psycopg.Connection, *, owner_id: int | None, state: str | None, limit: int = 200
-) -> bytes:
-    """``{"items": [...]}``: the API's list, newest first (``owner_id=None``: everyone's)."""
-    params = {"owner": owner_id, "state": state, "limit": limit}
-    row = conn.execute(_SANDBOXES_JSON, params).fetchone()
-    assert row is not None
-    return str(row[0]).encode()
-
-
-async def sandboxes_json_async(
+async def sandboxes_json(
     conn: psycopg.AsyncConnection, *, owner_id: int | None, state: str | None, limit: int = 200
 ) -> bytes:
+    """``{"items": [...]}``: the API's list, newest first (``owner_id=None``: everyone's)."""
     params = {"owner": owner_id, "state": state, "limit": limit}
     row = await (await conn.execute(_SANDBOXES_JSON, params)).fetchone()
     assert row is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 
@@ -50,23 +51,28 @@ def test_a_sandbox_is_shown_as_its_schema_says(database: str) -> None:
                         expires if state in ("destroyed", "expired") else None,
                     ),
                 )
-        listed = SandboxList.model_validate_json(
-            store.sandboxes_json(conn, owner_id=None, state=None)
-        )
-        assert len(listed.items) == 2 * len(SandboxState)
-        for item in listed.items:
-            one = store.sandbox_json(conn, item.id, owner_id=None)
-            assert one is not None
-            shown = SandboxPublic.model_validate_json(one)
-            assert shown == item and shown.id.isdigit()
-            assert shown.expires_at == expires
-            assert shown.owner == (None if shown.state == "pooled" else "hiring")
-            assert shown.endpoints == [] or shown.endpoints[0].port == 8000
-            raw = json.loads(one)
-            assert raw["expires_at"] == "2030-01-02T03:04:05.000006Z"  # as pydantic writes it
-            assert raw["links"]["self"] == f"/api/v1/sandboxes/{shown.id}"
-        mine = SandboxList.model_validate_json(
-            store.sandboxes_json(conn, owner_id=owner.id, state="running")
-        )
-        assert {i.state for i in mine.items} == {"running"} and len(mine.items) == 2
-        assert store.sandbox_json(conn, "10000000000", owner_id=owner.id + 1) is None
+
+    async def check() -> None:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            listed = SandboxList.model_validate_json(
+                await store.sandboxes_json(conn, owner_id=None, state=None)
+            )
+            assert len(listed.items) == 2 * len(SandboxState)
+            for item in listed.items:
+                one = await store.sandbox_json(conn, item.id, owner_id=None)
+                assert one is not None
+                shown = SandboxPublic.model_validate_json(one)
+                assert shown == item and shown.id.isdigit()
+                assert shown.expires_at == expires
+                assert shown.owner == (None if shown.state == "pooled" else "hiring")
+                assert shown.endpoints == [] or shown.endpoints[0].port == 8000
+                raw = json.loads(one)
+                assert raw["expires_at"] == "2030-01-02T03:04:05.000006Z"  # as pydantic writes
+                assert raw["links"]["self"] == f"/api/v1/sandboxes/{shown.id}"
+            mine = SandboxList.model_validate_json(
+                await store.sandboxes_json(conn, owner_id=owner.id, state="running")
+            )
+            assert {i.state for i in mine.items} == {"running"} and len(mine.items) == 2
+            assert await store.sandbox_json(conn, "10000000000", owner_id=owner.id + 1) is None
+
+    asyncio.run(check())

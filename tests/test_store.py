@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -9,10 +10,11 @@ import sys
 
 import psycopg
 
+from engine import store
 from engine.migrate import migrate
 from engine.store import (
+    Client,
     Role,
-    authenticate,
     create_client,
     ensure_first_admin,
     list_clients,
@@ -35,6 +37,16 @@ def test_migrations_apply_once(database: str) -> None:
     assert {"api_clients", "sandboxes", "sandbox_events", "engine_instance"} <= tables
 
 
+def authenticate(database: str, key: str) -> Client | None:
+    """``store.authenticate`` (async, as the API runs it) on a connection of its own."""
+
+    async def run() -> Client | None:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            return await store.authenticate(conn, key)
+
+    return asyncio.run(run())
+
+
 def test_keys_are_stored_hashed_and_revoked_at_once(database: str) -> None:
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
@@ -43,13 +55,13 @@ def test_keys_are_stored_hashed_and_revoked_at_once(database: str) -> None:
         stored = conn.execute("SELECT api_clients::text FROM api_clients").fetchone()
         assert stored is not None and key not in stored[0] and key[12:] not in stored[0]
 
-        found = authenticate(conn, key)
+        found = authenticate(database, key)
         assert found is not None and found.id == client.id and found.last_used_at is not None
-        assert authenticate(conn, key[:-1] + ("A" if key[-1] != "A" else "B")) is None
-        assert authenticate(conn, "not-a-key") is None
+        assert authenticate(database, key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        assert authenticate(database, "not-a-key") is None
 
         assert revoke_client(conn, client.id)
-        assert authenticate(conn, key) is None
+        assert authenticate(database, key) is None
         assert not revoke_client(conn, client.id)
         assert [c.revoked_at is not None for c in list_clients(conn)] == [True]
 
@@ -62,7 +74,7 @@ def test_first_admin_is_created_once(database: str) -> None:
         assert key is not None
         assert ensure_first_admin(conn) is None
         conn.commit()
-        admin = authenticate(conn, key)
+        admin = authenticate(database, key)
     assert admin is not None and admin.role == "admin"
 
 
@@ -89,5 +101,4 @@ def test_cli_creates_a_key_as_json(database: str) -> None:
     assert out.returncode == 0, out.stderr
     created = json.loads(out.stdout)
     assert created["role"] == "admin" and created["key"].startswith("sek_")
-    with psycopg.connect(database) as conn:
-        assert authenticate(conn, created["key"]) is not None
+    assert authenticate(database, created["key"]) is not None
