@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems, redact, terminal
+from api.failures import AuthFailures
 from api.routes import access, keys, ops, sandboxes, templates
 from engine import tokens
 from engine.migrate import migrate
@@ -118,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
         registry=registry,
     )
     app.state.http_registry = registry
+    app.state.auth_failures = AuthFailures(settings.auth_failures_per_minute)
 
     app.add_middleware(LimitsAndMetrics, requests=requests)
 

@@ -6,7 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
+from api.failures import AuthFailures, address
 from engine.service import SandboxService
 from engine.store import Client
 
@@ -19,6 +21,28 @@ class Unauthorized(HTTPException):
         super().__init__(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class TooManyFailures(HTTPException):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            429,
+            f"too many authentication failures from this address; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+def check_failures(conn: HTTPConnection) -> None:
+    """Refuse an address over its authentication failure limit (api/failures.py)."""
+    failures: AuthFailures = conn.app.state.auth_failures
+    wait = failures.retry_after(address(conn))
+    if wait is not None:
+        raise TooManyFailures(wait)
+
+
+def count_failure(conn: HTTPConnection) -> None:
+    failures: AuthFailures = conn.app.state.auth_failures
+    failures.failed(address(conn))
+
+
 async def get_service(request: Request) -> SandboxService:
     # async: FastAPI runs a plain function dependency on a worker thread, a hop per request.
     service: SandboxService = request.app.state.service
@@ -28,23 +52,26 @@ async def get_service(request: Request) -> SandboxService:
 ServiceDep = Annotated[SandboxService, Depends(get_service)]
 
 
-async def key_client(service: SandboxService, key: str | None) -> Client:
+async def key_client(conn: HTTPConnection, key: str | None) -> Client:
     """The live client for a key; failures are rate-limited by the caller's address."""
+    check_failures(conn)
     if not key:
+        count_failure(conn)
         raise Unauthorized()
+    service: SandboxService = conn.app.state.service
     client = await service.authenticate(key)
     if client is None:
+        count_failure(conn)
         raise Unauthorized("the API key is unknown or revoked")
     return client
 
 
 async def get_client(
     request: Request,
-    service: ServiceDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> Client:
-    return await key_client(service, bearer.credentials if bearer else header)
+    return await key_client(request, bearer.credentials if bearer else header)
 
 
 ClientDep = Annotated[Client, Depends(get_client)]

@@ -3,7 +3,8 @@
 Binary frames carry terminal bytes both ways; a text frame ``{"type": "resize", "cols": C,
 "rows": R}`` resizes. The shell lives in tmux session ``main``: a dropped connection
 reconnects to the same shell with its scrollback, and several viewers can attach at once.
-Close codes: 4401 unauthorized, 4404 no such sandbox, 4409 not running.
+Close codes: 4401 unauthorized, 4404 no such sandbox, 4409 not running, 4429 too many
+authentication failures from the address (api/failures.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ from typing import Any
 import docker
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from api.deps import TooManyFailures, Unauthorized, check_failures, count_failure, key_client
 from engine import store, tokens
 from engine.errors import NotFoundError
 from engine.service import SandboxService
 
 router = APIRouter(tags=["terminal"])
 CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_NOT_RUNNING = 4401, 4404, 4409
+CLOSE_TOO_MANY_FAILURES = 4429
+CLOSE_TOO_BIG = 1009  # RFC 6455: a message too big to process
+# The largest frame taken from a client: a paste is kilobytes. The server (engine/cli.py
+# `serve`) refuses bigger ones before buffering them; this check holds under any server.
+MAX_FRAME = 64 * 1024
+MAX_SIZE = 1000  # columns or rows a resize may set; larger ones are ignored
 # Attach to (or start) the session; the newest client's size wins, so a resize applies at once.
 # The shell prints its pid first (then becomes the tmux client): when the connection ends, that
 # client is sent SIGHUP — Docker leaves an exec running when its stream closes, and a client
@@ -37,17 +45,23 @@ TMUX = [
 async def _authorize(
     ws: WebSocket, service: SandboxService, sandbox_id: str, token: str | None
 ) -> store.SandboxRow | None:
-    if token and token.startswith(tokens.PREFIX):
-        if tokens.verify(ws.app.state.secret_key, token) != sandbox_id:
-            await ws.close(CLOSE_UNAUTHORIZED, "the access token does not open this sandbox")
-            return None
-        row: store.SandboxRow | None = await service.db(store.get_sandbox, sandbox_id)
-        if row is None:
-            await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
-        return row
-    key = token or ws.headers.get("x-api-key") or ws.headers.get("authorization", "")[7:]
-    client = await service.authenticate(key) if key else None
-    if client is None:
+    try:
+        if token and token.startswith(tokens.PREFIX):
+            check_failures(ws)
+            if tokens.verify(ws.app.state.secret_key, token) != sandbox_id:
+                count_failure(ws)
+                await ws.close(CLOSE_UNAUTHORIZED, "the access token does not open this sandbox")
+                return None
+            row: store.SandboxRow | None = await service.db(store.get_sandbox, sandbox_id)
+            if row is None:
+                await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
+            return row
+        key = token or ws.headers.get("x-api-key") or ws.headers.get("authorization", "")[7:]
+        client = await key_client(ws, key)
+    except TooManyFailures as exc:
+        await ws.close(CLOSE_TOO_MANY_FAILURES, exc.detail)
+        return None
+    except Unauthorized:
         await ws.close(CLOSE_UNAUTHORIZED, "a valid API key or access token is required")
         return None
     try:
@@ -157,6 +171,9 @@ async def _bridge(
             message: Any = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            if len(message.get("bytes") or message.get("text") or "") > MAX_FRAME:
+                await ws.close(CLOSE_TOO_BIG, f"frames are limited to {MAX_FRAME} bytes")
+                return
             if message.get("bytes"):
                 await loop.sock_sendall(sock, message["bytes"])
             elif message.get("text"):
@@ -176,15 +193,15 @@ async def _control(
 ) -> None:
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[…" nests past the parser's stack
         await asyncio.get_running_loop().sock_sendall(sock, text.encode())  # typed input
         return
     if isinstance(message, dict) and message.get("type") == "resize":
         cols, rows = message.get("cols"), message.get("rows")
         if (
-            isinstance(cols, int)
-            and isinstance(rows, int)
-            and 0 < cols <= 1000
-            and 0 < rows <= 1000
+            type(cols) is int  # not a float, nor a bool (an int to isinstance)
+            and type(rows) is int
+            and 0 < cols <= MAX_SIZE
+            and 0 < rows <= MAX_SIZE
         ):
             await asyncio.to_thread(client.api.exec_resize, exec_id, height=rows, width=cols)

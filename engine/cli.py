@@ -261,6 +261,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.terminal import MAX_FRAME
     from engine.migrate import migrate
     from engine.store import ensure_first_admin
 
@@ -286,6 +287,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         host=args.host or settings.listen_host,
         port=args.port or settings.listen_port,
         log_level="info",
+        ws_max_size=MAX_FRAME,
     )
     return 0
 

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_live_sandboxes_per_key: int = Field(default=5, ge=1, le=10000)
     # Creates one API key may request per minute.
     creates_per_minute: int = Field(default=30, ge=1, le=10000)
+    # Failed authentications (bad key or access token) one client address may make per minute;
+    # past it, its requests needing a credential are answered 429 (api/failures.py).
+    auth_failures_per_minute: int = Field(default=30, ge=1, le=100000)
     # Signs candidate access tokens; empty: a random key kept in .state/secret-key.
     secret_key: SecretStr = SecretStr("")
     # Seconds between reaper passes (expired sandboxes are destroyed); 0 turns it off.

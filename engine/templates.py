@@ -2,7 +2,9 @@
 
 Unknown keys are errors, units are checked, and every problem names the file, the field path
 and the line. YAML is parsed with the safe loader; anchors and aliases are refused (no
-"billion laughs"), and a file over 64 KiB is refused before parsing.
+"billion laughs"), and so is nesting over 20 levels deep. A file over 64 KiB is refused before
+parsing, and so is anything in the folder that is not a regular file inside it (a symlink out
+of the folder, a FIFO).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from engine.errors import NotFoundError, TemplateError
 from engine.units import parse_cpus, parse_duration, parse_memory
 
 MAX_FILE_BYTES = 64 * 1024
+MAX_DEPTH = 20  # nesting of mappings and lists; a template needs 3
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SERVICES = ("postgres", "redis")
@@ -95,12 +98,24 @@ class _Lines:
 
 def _parse(text: str, file: str) -> tuple[Any, _Lines]:
     try:
+        # The event stream is checked first, one event at a time: nothing is built from it yet.
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1 if event.start_mark else None
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                line = event.start_mark.line + 1 if event.start_mark else None
                 raise TemplateError(file, [("", line, "YAML anchors and aliases are not allowed")])
+            depth += isinstance(event, yaml.CollectionStartEvent)
+            depth -= isinstance(event, yaml.CollectionEndEvent)
+            # PyYAML composes recursively, and scans deep flow nesting in quadratic time:
+            # 64 KiB of "[[[[" would take minutes, then exhaust the stack.
+            if depth > MAX_DEPTH:
+                raise TemplateError(file, [("", line, f"nested over {MAX_DEPTH} levels deep")])
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character: a position, no mark
+        line = text.count("\n", 0, exc.position) + 1
+        problem = f"not valid YAML: the character {exc.character!r} is not allowed"
+        raise TemplateError(file, [("", line, problem)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -140,11 +155,13 @@ def load(path: Path) -> Template:
 
 def _load(path: Path) -> Template:
     file = str(path)
-    data = path.read_bytes()
+    if not path.is_file():
+        raise TemplateError(file, [("", None, "not a regular file")])
+    # Read one byte past the limit, never the whole of a huge file.
+    with path.open("rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
-        raise TemplateError(
-            file, [("", None, f"file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")]
-        )
+        raise TemplateError(file, [("", None, f"file is over the limit of {MAX_FILE_BYTES} bytes")])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -345,15 +362,25 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
     )
 
 
+def _inside(folder: Path, path: Path) -> Path:
+    """The path, if it resolves inside the folder (a symlink may point elsewhere): templates
+    come from the operator's folder only."""
+    if folder.resolve() not in path.resolve().parents:
+        raise TemplateError(str(path), [("", None, "points outside the templates folder")])
+    return path
+
+
 def load_all(folder: Path) -> dict[str, Template]:
     """Every ``*.yaml`` template in the folder, by name; the first invalid one raises."""
-    return {t.name: t for t in (load(p) for p in sorted(folder.glob("*.yaml")))}
+    paths = sorted(folder.glob("*.yaml"))
+    return {t.name: t for t in (load(_inside(folder, p)) for p in paths)}
 
 
 def find(folder: Path, name: str) -> Template:
-    if not NAME.match(name):
+    # The whole name matches (no trailing newline): no "../", "/", NUL or dot gets through.
+    if not NAME.fullmatch(name):
         raise NotFoundError(f"no template named {name!r}")
     path = folder / f"{name}.yaml"
     if not path.is_file():
         raise NotFoundError(f"no template named {name!r}")
-    return load(path)
+    return load(_inside(folder, path))

@@ -11,26 +11,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 import websockets
 
 from api.app import create_app
+from api.terminal import MAX_FRAME
 from engine.settings import Settings
 
 
 @contextmanager
-def serve(settings: Settings) -> Iterator[str]:
+def serve(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve on a free port of ``host``; yields the 127.0.0.1 address to call it on."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings),
-            host="127.0.0.1",
+            host=host,
             port=port,
             log_level="info",
             log_config=None,  # records reach the root logger (and the tests' caplog)
             ws="websockets-sansio",
+            ws_max_size=MAX_FRAME,  # as engine/cli.py serves it
         )
     )
     thread = threading.Thread(target=server.run, daemon=True)
@@ -78,3 +82,31 @@ async def close_code(url: str) -> int:
     except websockets.ConnectionClosed as exc:
         return exc.rcvd.code if exc.rcvd else 1006
     return 1000
+
+
+@contextmanager
+def running_sandbox(address: str, key: str, template: str = "backend-go") -> Iterator[str]:
+    """A sandbox made over the API and running; destroyed (and waited for) at the end."""
+    with httpx.Client(
+        base_url=f"http://{address}", headers={"X-API-Key": key}, timeout=120
+    ) as http:
+        created = http.post("/api/v1/sandboxes", json={"template": template, "ttl": "30m"})
+        assert created.status_code == 202, created.text
+        sandbox_id = created.json()["id"]
+        try:
+            _wait(http, sandbox_id, "running")
+            yield sandbox_id
+        finally:
+            http.delete(f"/api/v1/sandboxes/{sandbox_id}")
+            _wait(http, sandbox_id, "destroyed")
+
+
+def _wait(http: httpx.Client, sandbox_id: str, state: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get(f"/api/v1/sandboxes/{sandbox_id}").json()
+        if body["state"] == state:
+            return
+        assert body["state"] != "failed", body
+        time.sleep(0.5)
+    raise AssertionError(f"{sandbox_id} never reached {state}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import ServiceDep
+from api.deps import ServiceDep, check_failures, count_failure
 from api.schemas import CandidateView
 from engine import store, tokens
 from engine.errors import NotFoundError
@@ -15,11 +15,13 @@ from engine.errors import NotFoundError
 router = APIRouter(prefix="/api/v1/access", tags=["access"])
 
 
-@router.get("/{token}", response_model=CandidateView, responses={404: {}})
+@router.get("/{token}", response_model=CandidateView, responses={404: {}, 429: {}})
 async def candidate_view(token: str, service: ServiceDep, request: Request) -> CandidateView:
+    check_failures(request)
     sandbox_id = tokens.verify(request.app.state.secret_key, token)
     row = await service.db(store.get_sandbox, sandbox_id) if sandbox_id else None
     if row is None:
+        count_failure(request)
         # One answer for a bad, expired or foreign token: nothing is learnt from it.
         raise NotFoundError("this link is not valid (it may have expired)")
     outputs: dict[str, Any] = row.outputs or {}
