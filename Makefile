@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image images web edge run test bench lint format env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images web edge run test test-slow bench lint format env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -31,9 +31,10 @@ venv: $(STAMP) ## the project's Python environment in .venv
 toolchain: ## pulumi, its Python language host and traefik, built from Go modules (cached)
 	@toolchain/build.sh
 
-services: ## start dockerd and the project's PostgreSQL cluster when they are not running
+services: venv ## start dockerd and the project's PostgreSQL cluster when they are not running; the host firewall
 	@deploy/local/dockerd.sh
 	@deploy/local/postgres.sh
+	@$(BIN)/sandbox-engine firewall apply
 
 base-image: ## the offline Debian base image (debootstrap + docker import)
 	@images/base/build.sh
@@ -52,9 +53,13 @@ run: setup images edge web ## set up, then run the service (behind the local Tra
 
 TEST_WORKERS ?= 2
 
-test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests
+test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests (test-slow included)
 	cd web && npm test --silent
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(MAKE) --no-print-directory test-slow
+
+test-slow: setup images edge ## the tests that need the machine to themselves (attacks, dockerd and PostgreSQL restarts), one at a time
+	$(BIN)/python -m pytest -m slow -p no:xdist
 
 bench: setup images edge ## benchmarks against raw Docker (QUICK=1 for a short run); results in .bench/
 	QUICK=$(QUICK) $(BIN)/python -m tests.bench.run

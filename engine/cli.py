@@ -307,6 +307,26 @@ def _cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_firewall(settings: Settings, args: argparse.Namespace) -> int:
+    from engine import firewall
+
+    try:
+        if args.firewall_command == "apply":
+            changed = firewall.apply()
+            print("\n".join(changed) if changed else "firewall: already in place")
+        elif args.firewall_command == "remove":
+            firewall.remove()
+            print("firewall: removed")
+        else:
+            missing = firewall.problems()
+            print("\n".join(missing) if missing else "firewall: in place")
+            return 1 if missing else 0
+    except firewall.FirewallError as exc:
+        print(f"firewall: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandbox-engine",
@@ -322,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     edge = sub.add_parser("edge", help="the local Traefik in front of the API and sandboxes")
     edge.add_argument("edge_command", choices=["start", "stop", "status"])
     edge.set_defaults(func=_cmd_edge)
+    fw = sub.add_parser(
+        "firewall", help="the host rules that keep sandboxes off the host (needs root)"
+    )
+    fw.add_argument("firewall_command", choices=["apply", "check", "remove"])
+    fw.set_defaults(func=_cmd_firewall)
     images = sub.add_parser("images", help="workspace and service images")
     images_sub = images.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     build = images_sub.add_parser("build", help="build the images that changed, in order")

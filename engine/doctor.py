@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 
+from engine.spec import BRIDGE_NAME_OPTION, bridge_name
 from engine.settings import Settings
 from engine.toolenv import sdk_version
 
@@ -168,15 +169,36 @@ def check_edge(settings: Settings) -> Check:
         return Check(
             "edge (traefik)", False, f"network {settings.edge_network}: {exc}", "make edge"
         )
-    icc = (network.attrs.get("Options") or {}).get("com.docker.network.bridge.enable_icc")
-    if icc != "false":
+    options = network.attrs.get("Options") or {}
+    bridge = bridge_name(settings.edge_network)
+    if options.get("com.docker.network.bridge.enable_icc") != "false":
+        wrong = "lets containers reach each other"
+    elif options.get(BRIDGE_NAME_OPTION) != bridge:
+        wrong = f"has a bridge not named {bridge} (the host firewall would not cover it)"
+    else:
+        wrong = ""
+    if wrong:
         return Check(
             "edge (traefik)",
             False,
-            f"network {settings.edge_network} lets containers reach each other",
+            f"network {settings.edge_network} {wrong}",
             f"docker network rm {settings.edge_network} && make edge",
         )
     return Check("edge (traefik)", True, f"{edge.url}, network {settings.edge_network} isolated")
+
+
+def check_firewall() -> Check:
+    from engine import firewall
+
+    try:
+        missing = firewall.problems()
+    except (firewall.FirewallError, OSError) as exc:
+        return Check("host firewall", False, str(exc), "sudo sandbox-engine firewall apply")
+    if missing:
+        return Check(
+            "host firewall", False, "; ".join(missing), "sudo sandbox-engine firewall apply"
+        )
+    return Check("host firewall", True, "sandbox bridges cannot reach the host or link-local")
 
 
 def check_base_image() -> Check:
@@ -228,6 +250,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_language_host(settings),
         lambda: check_traefik(settings),
         lambda: check_edge(settings),
+        check_firewall,
         check_base_image,
         lambda: check_docker_provider(settings),
         check_package,

@@ -6,6 +6,7 @@ sandbox is made of is decided here, where it is tested as a table of fixtures.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,11 @@ DOMAIN = re.compile(
     r"^(?=.{1,200}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
 )
 CLAUDE_AUTH_VOLUME = "claude-auth"
+# Every bridge the engine makes (each sandbox's network, the edge network) gets a Linux
+# interface named BRIDGE_PREFIX + 12 hex digits, so the host firewall (engine/firewall.py) can
+# tell traffic from sandboxes by its interface alone, whatever address pool Docker uses.
+BRIDGE_PREFIX = "sbx"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 MANAGED_BY = "sandbox-engine"
 
 # Label keys on every Docker object of a sandbox.
@@ -109,6 +115,7 @@ class SandboxSpec:
     template: str
     owner: str
     network: str
+    bridge: str  # the network's Linux interface name (bridge_name)
     volumes: tuple[str, ...]  # volumes the stack owns (destroyed with it)
     shared_volumes: tuple[str, ...]  # volumes the stack only mounts (claude-auth)
     containers: tuple[ContainerSpec, ...]
@@ -117,6 +124,11 @@ class SandboxSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def bridge_name(network: str) -> str:
+    """A Linux interface name (15 characters at most) for a network the engine makes."""
+    return BRIDGE_PREFIX + hashlib.sha256(network.encode()).hexdigest()[:12]
 
 
 def stack_name(sandbox_id: str) -> str:
@@ -223,6 +235,7 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         template=template.name,
         owner=request.owner,
         network=f"{prefix}-net",
+        bridge=bridge_name(f"{prefix}-net"),
         volumes=(f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services)),
         shared_volumes=(CLAUDE_AUTH_VOLUME,) if template.claude_auth else (),
         containers=(workspace, *services),

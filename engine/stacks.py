@@ -39,11 +39,13 @@ from pulumi.runtime.proto import language_pb2_grpc
 from engine.errors import ConflictError, NotFoundError, StackError
 from engine.settings import Settings
 from engine.spec import (
+    BRIDGE_NAME_OPTION,
     CLAUDE_AUTH_VOLUME,
     L_ENGINE,
     L_MANAGED,
     L_SANDBOX,
     MANAGED_BY,
+    bridge_name,
     stack_name,
 )
 from engine.templates import Template
@@ -551,28 +553,40 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
 def ensure_edge_network(name: str) -> None:
     """The shared network Traefik reaches published workspaces on; made once, never part of a
     stack. Inter-container communication is off on it: a workspace on it reaches no other
-    workspace (Traefik, on the host or in the host's network namespace, reaches them all)."""
+    workspace (Traefik, on the host or in the host's network namespace, reaches them all). Its
+    bridge is named like a sandbox's, so the host firewall covers it too."""
+    options = {
+        "com.docker.network.bridge.enable_icc": "false",
+        BRIDGE_NAME_OPTION: bridge_name(name),
+    }
     client = docker.from_env(timeout=30)
     try:
-        try:
-            network = client.networks.get(name)
-        except docker.errors.NotFound:
-            # Two creates racing to make it: the loser's 409 is fine, the network exists.
-            with contextlib.suppress(docker.errors.APIError):
-                client.networks.create(
-                    name,
-                    driver="bridge",
-                    options={"com.docker.network.bridge.enable_icc": "false"},
-                    labels={L_MANAGED: MANAGED_BY, "io.sandbox-engine.shared": "true"},
-                    check_duplicate=True,
+        for _ in range(2):
+            try:
+                network = client.networks.get(name)
+            except docker.errors.NotFound:
+                # Two creates racing to make it: the loser's 409 is fine, the network exists.
+                with contextlib.suppress(docker.errors.APIError):
+                    client.networks.create(
+                        name,
+                        driver="bridge",
+                        options=options,
+                        labels={L_MANAGED: MANAGED_BY, "io.sandbox-engine.shared": "true"},
+                        check_duplicate=True,
+                    )
+                network = client.networks.get(name)
+            have = network.attrs.get("Options") or {}
+            if all(have.get(k) == v for k, v in options.items()):
+                return
+            if network.attrs.get("Containers"):
+                raise StackError(
+                    f"network {name} exists without {options} and has containers; remove it "
+                    "(docker network rm) once they are gone so the engine can make it isolated"
                 )
-            network = client.networks.get(name)
-        icc = (network.attrs.get("Options") or {}).get("com.docker.network.bridge.enable_icc")
-        if icc != "false":
-            raise StackError(
-                f"network {name} exists with inter-container traffic on; remove it "
-                "(docker network rm) so the engine can make it isolated"
-            )
+            # Made by an older engine or by hand, and unused: make it again the right way.
+            with contextlib.suppress(docker.errors.NotFound):
+                network.remove()
+        raise StackError(f"network {name} could not be made with {options}")
     finally:
         client.close()
 

@@ -7,7 +7,7 @@ from typing import Any
 import pulumi
 import pulumi_docker as docker
 
-from engine.spec import SERVICE_DB, ContainerSpec, SandboxSpec
+from engine.spec import BRIDGE_NAME_OPTION, SERVICE_DB, ContainerSpec, SandboxSpec
 
 
 def _labels(labels: dict[str, str], cls: Any) -> list[Any]:
@@ -24,6 +24,7 @@ def declare(
         "network",
         name=spec.network,
         driver="bridge",
+        options={BRIDGE_NAME_OPTION: spec.bridge},
         labels=_labels(spec.labels, docker.NetworkLabelArgs),
     )
     volumes = {
@@ -60,6 +61,8 @@ def declare(
             labels=_labels(c.labels, docker.ContainerLabelArgs),
             cpus=f"{c.cpus:g}",
             memory=c.memory_mb,
+            # No swap beyond the limit: on a host with swap Docker would allow twice as much.
+            memory_swap=c.memory_mb,
             networks_advanced=[
                 docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=list(c.aliases)),
                 # The edge network: Traefik reaches the workspace here; no alias, and

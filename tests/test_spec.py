@@ -11,6 +11,7 @@ from engine.spec import (
     SandboxRequest,
     SandboxSpec,
     SpecSettings,
+    bridge_name,
     build_spec,
 )
 from engine.templates import load
@@ -41,6 +42,7 @@ EXPECTED = {
         template="minimal",
         owner="alice",
         network="sbx-abc123-net",
+        bridge=bridge_name("sbx-abc123-net"),
         volumes=("sbx-abc123-home",),
         shared_volumes=("claude-auth",),
         containers=(
@@ -72,6 +74,7 @@ EXPECTED = {
         template="full",
         owner="alice",
         network="sbx-abc123-net",
+        bridge=bridge_name("sbx-abc123-net"),
         volumes=("sbx-abc123-home", "sbx-abc123-postgres-data", "sbx-abc123-redis-data"),
         shared_volumes=(),
         containers=(
@@ -197,3 +200,10 @@ def test_published_urls_carry_a_non_default_port() -> None:
     assert build_spec(template, SandboxRequest("abc123"), tls).endpoints[0].url == (
         "https://abc123-8000.sandbox.example.com"
     )
+
+
+@pytest.mark.parametrize("network", ["sbx-abc123-net", f"sbx-{'z' * 20}-net", "sandbox-edge"])
+def test_bridge_names_fit_a_linux_interface_and_carry_the_firewall_prefix(network: str) -> None:
+    name = bridge_name(network)
+    assert len(name) <= 15 and name.startswith("sbx") and name == bridge_name(network)
+    assert bridge_name(network + "x") != name
