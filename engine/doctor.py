@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 
-from engine.spec import BRIDGE_NAME_OPTION, bridge_name
 from engine.settings import Settings
+from engine.spec import BRIDGE_NAME_OPTION, bridge_name
 from engine.toolenv import sdk_version
 
 BASE_IMAGE = "sandbox-base:bookworm"

@@ -56,8 +56,16 @@ class InvalidRequest(EngineError):
         self.field = field
 
 
+# Seconds a finished stack operation keeps trying to record its result in the database.
+FINISH_RETRY = 300.0
+
+
 class QuotaExceeded(EngineError):
     pass
+
+
+class EngineBusy(EngineError):
+    """This engine already has as many creates running or queued as it takes (503)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class SandboxService:
         self.stacks = stacks
         self._jobs: set[asyncio.Task[None]] = set()
         self._creates: dict[int, deque[float]] = defaultdict(deque)
+        # Cold creates of this process running or queued for a stack thread (the bound on
+        # them is max_pending_creates; pool refills are not counted, they wait their turn).
+        self._pending_creates = 0
         self._reserve_lock = asyncio.Lock()
         self._stack_threads = ThreadPoolExecutor(
             max_workers=settings.max_stack_operations, thread_name_prefix="stack"
@@ -227,6 +238,8 @@ class SandboxService:
                 if claimed is not None:
                     store.add_event(conn, claimed.id, "state", f"running: claimed by {client.name}")
                     return claimed, "pool"
+                if full:
+                    raise EngineBusy(self._busy_message())
             reserved = store.take_reserved_stack(conn)
             row = store.insert_sandbox(
                 conn,
@@ -241,11 +254,30 @@ class SandboxService:
             store.add_event(conn, row.id, "state", "creating")
             return row, "reserve" if reserved else "new"
 
-        row, source = await self.db(insert)
+        # A cold create takes a slot before its row exists, so a burst cannot pass the bound
+        # together; a full engine can still hand out pool sandboxes (they need no stack work).
+        limit_pending = self.settings.max_pending_creates
+        full = self._pending_creates >= limit_pending
+        if full and not poolable:
+            raise EngineBusy(self._busy_message())
+        if not full:
+            self._pending_creates += 1
+        try:
+            row, source = await self.db(insert)
+        except BaseException:
+            if not full:
+                self._pending_creates -= 1
+            raise
         if source == "pool":
+            if not full:
+                self._pending_creates -= 1
             self._spawn(self.refill_pool(template.name))
             return row, True
-        self._spawn(self._create_job(row, template, client.name, env, reserved=source == "reserve"))
+        self._spawn(
+            self._create_job(
+                row, template, client.name, env, reserved=source == "reserve", counted=True
+            )
+        )
         if source == "reserve":
             self._spawn(self.refill_reserve())
         return row, True
@@ -629,6 +661,22 @@ class SandboxService:
         env: dict[str, str],
         *,
         reserved: bool = False,
+        counted: bool = False,
+    ) -> None:
+        try:
+            await self._run_create(row, template, owner, env, reserved=reserved)
+        finally:
+            if counted:
+                self._pending_creates -= 1
+
+    async def _run_create(
+        self,
+        row: SandboxRow,
+        template: Template,
+        owner: str,
+        env: dict[str, str],
+        *,
+        reserved: bool,
     ) -> None:
         try:
             outputs = await self._stack_op(
@@ -683,7 +731,26 @@ class SandboxService:
                 conn, sandbox_id, "state", state.value + (f": {error}" if error else "")
             )
 
-        await self.db(apply)
+        # The stack work is done and cannot be asked again: its result is kept trying through
+        # a database restart (FINISH_RETRY seconds), or the row would stay mid-operation.
+        deadline = time.monotonic() + FINISH_RETRY
+        delay = 0.5
+        while True:
+            try:
+                await self.db(apply)
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("recording %s as %s: %s; retrying", sandbox_id, state.value, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _busy_message(self) -> str:
+        return (
+            f"the engine is busy: {self._pending_creates} creates running or queued "
+            f"(limit {self.settings.max_pending_creates}); retry shortly"
+        )
 
     def _rate_limit(self, client: Client) -> None:
         window = self._creates[client.id]

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     templates_dir: Path | None = None
     # The built web UI; default web/dist in the project.
     web_dir: Path | None = None
+    # Cold creates one engine process runs or queues at once; past it a create is answered 503
+    # with Retry-After (a warm pool sandbox is still handed out). Each running one costs a
+    # Pulumi CLI (~150 MB); queued ones wait for one of max_stack_operations.
+    max_pending_creates: int = Field(default=20, ge=1, le=10000)
     # Live sandboxes one API key may hold at once.
     max_live_sandboxes_per_key: int = Field(default=5, ge=1, le=10000)
     # Creates one API key may request per minute.
