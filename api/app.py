@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import problems, redact, terminal
+from api import openapi, problems, redact, terminal
 from api.failures import AuthFailures
 from api.routes import access, keys, ops, sandboxes, templates
 from engine import tokens
@@ -110,6 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    openapi.install(app)
     redact.install()
     registry = CollectorRegistry()
     requests = Counter(

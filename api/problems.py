@@ -6,10 +6,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from api import openapi
 from engine.errors import ConflictError, EngineError, NotFoundError, StackError, TemplateError
 from engine.service import InvalidRequest, QuotaExceeded
 
@@ -59,9 +61,13 @@ def install(app: FastAPI) -> None:
             )
         return problem(422, f"{field}: {msg}" if field else msg, field=field)
 
+    # Starlette's own (405, a body that cannot be read) as well as FastAPI's subclass.
     @app.exception_handler(HTTPException)
-    async def http(_: Request, exc: HTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+    async def http(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(openapi.allowed_methods(request.app, request.url.path))
+        return problem(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(EngineError)
     async def engine(_: Request, exc: EngineError) -> JSONResponse:

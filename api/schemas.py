@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# Text from a client: PostgreSQL text and JSONB cannot hold NUL, so it is refused here (422).
+Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+# Path parameters, bounded as their columns are (text without NUL, bigint).
+# A duration as engine/units.py reads it: "4h", "30m", "1h30m", "90s".
+Duration = Annotated[str, StringConstraints(max_length=20, pattern=r"^ *([0-9]+[hms])+ *$")]
+SandboxId = Annotated[str, Path(max_length=64, pattern=r"^[^\x00]+$")]
+KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class SandboxCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    template: str = Field(min_length=1, max_length=40, examples=["backend-python"])
-    ttl: str | None = Field(default=None, max_length=20, examples=["30m"])
-    env: dict[str, str] | None = Field(default=None, max_length=50)
-    metadata: dict[str, str] | None = Field(default=None, max_length=20)
+    template: Text = Field(min_length=1, max_length=40, examples=["backend-python"])
+    ttl: Duration | None = Field(default=None, examples=["30m"])
+    env: dict[Text, Text] | None = Field(default=None, max_length=50)
+    metadata: dict[Text, Text] | None = Field(default=None, max_length=20)
 
 
 class SandboxExtend(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ttl: str = Field(max_length=20, examples=["1h"], description="new time to live, from now")
+    ttl: Duration = Field(examples=["1h"], description="new time to live, from now")
 
 
 class Endpoint(BaseModel):
@@ -89,7 +98,7 @@ class PreviewPublic(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=100)
+    name: Text = Field(min_length=1, max_length=100)
     role: Literal["admin", "member"] = "member"
 
 

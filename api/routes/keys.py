@@ -7,10 +7,10 @@ from dataclasses import asdict
 from fastapi import APIRouter, HTTPException
 
 from api.deps import AdminDep, ServiceDep
-from api.schemas import KeyCreate, KeyCreated, KeyPublic
+from api.schemas import KeyCreate, KeyCreated, KeyId, KeyPublic
 from engine import store
 
-router = APIRouter(prefix="/api/v1/keys", tags=["keys"])
+router = APIRouter(prefix="/api/v1/keys", tags=["keys"], responses={403: {}})
 
 
 @router.post("", status_code=201, response_model=KeyCreated)
@@ -26,7 +26,7 @@ async def list_keys(admin: AdminDep, service: ServiceDep) -> list[KeyPublic]:
 
 
 @router.delete("/{key_id}", status_code=204, responses={404: {}})
-async def revoke_key(key_id: int, admin: AdminDep, service: ServiceDep) -> None:
+async def revoke_key(key_id: KeyId, admin: AdminDep, service: ServiceDep) -> None:
     """Revoke at once: the next request with the key is refused."""
     if not await service.db(store.revoke_client, key_id):
         raise HTTPException(404, f"no live key with id {key_id}")

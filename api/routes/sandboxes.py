@@ -11,7 +11,14 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import ClientDep, ServiceDep
-from api.schemas import AccessToken, SandboxCreate, SandboxExtend, SandboxList, SandboxPublic
+from api.schemas import (
+    AccessToken,
+    SandboxCreate,
+    SandboxExtend,
+    SandboxId,
+    SandboxList,
+    SandboxPublic,
+)
 from engine import tokens
 from engine.service import CreateRequest
 from engine.store import SandboxState
@@ -74,14 +81,14 @@ async def list_sandboxes(
 
 
 @router.get("/{sandbox_id}", response_model=SandboxPublic, responses={404: {}})
-async def get_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep) -> Response:
+async def get_sandbox(sandbox_id: SandboxId, client: ClientDep, service: ServiceDep) -> Response:
     return shown(await service.view(client, sandbox_id))
 
 
 @router.delete(
     "/{sandbox_id}", status_code=202, response_model=SandboxPublic, responses={404: {}, 409: {}}
 )
-async def delete_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep) -> Response:
+async def delete_sandbox(sandbox_id: SandboxId, client: ClientDep, service: ServiceDep) -> Response:
     """Start destroying the sandbox: state `destroying`, then `destroyed`."""
     row = await service.destroy(client, sandbox_id)
     return shown(await service.view(client, row.id), 202)
@@ -91,7 +98,7 @@ async def delete_sandbox(sandbox_id: str, client: ClientDep, service: ServiceDep
     "/{sandbox_id}/extend", response_model=SandboxPublic, responses={404: {}, 409: {}, 422: {}}
 )
 async def extend_sandbox(
-    sandbox_id: str, body: SandboxExtend, client: ClientDep, service: ServiceDep
+    sandbox_id: SandboxId, body: SandboxExtend, client: ClientDep, service: ServiceDep
 ) -> Response:
     """Set the time to live from now, up to the template's max_ttl from creation."""
     row = await service.extend(client, sandbox_id, body.ttl)
@@ -105,7 +112,7 @@ async def extend_sandbox(
     responses={404: {}, 409: {}},
 )
 async def create_access_token(
-    sandbox_id: str, client: ClientDep, service: ServiceDep, request: Request
+    sandbox_id: SandboxId, client: ClientDep, service: ServiceDep, request: Request
 ) -> AccessToken:
     """A token for a candidate: opens this sandbox's terminal only, until it expires."""
     row = await service.get(client, sandbox_id)
@@ -118,9 +125,11 @@ async def create_access_token(
     )
 
 
-@router.get("/{sandbox_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/{sandbox_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 404: {}}
+)
 async def sandbox_events(
-    sandbox_id: str,
+    sandbox_id: SandboxId,
     client: ClientDep,
     service: ServiceDep,
     after: Annotated[int, Query(ge=0)] = 0,
