@@ -240,6 +240,8 @@ class StackManager:
             self._cli(["stack", "init", "--no-select", name])
         except auto.StackAlreadyExistsError as exc:
             raise ConflictError(f"stack {name} already exists") from exc
+        except auto.CommandError as exc:  # e.g. the state backend's disk is full
+            raise StackError(f"pulumi stack init: {_summarize(exc)}") from exc
 
     def _write_config(self, name: str, config: dict[str, auto.ConfigValue]) -> None:
         """The stack's config: plain values written straight into its config file (the file
@@ -678,5 +680,5 @@ def _counts(summary: Any) -> dict[str, int]:
 def _summarize(exc: auto.CommandError) -> str:
     """The error lines of a failed Pulumi run, without its full log (and so without config)."""
     text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+    lines = [ln.strip().removeprefix("stderr: ") for ln in text.splitlines() if "error:" in ln]
     return "\n".join(dict.fromkeys(lines)) or text.strip().splitlines()[-1]

@@ -122,7 +122,10 @@ def _throwaway_database(settings: Settings, db_conn: psycopg.Connection) -> Iter
     from urllib.parse import urlsplit
 
     name = f"sandbox_test_{secrets.token_hex(4)}"
-    db_conn.execute(f"CREATE DATABASE {name}")
-    url = urlsplit(settings.database_url.get_secret_value())._replace(path=f"/{name}").geturl()
-    yield url
-    db_conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin = settings.database_url.get_secret_value()
+    # A connection of its own each time: a fault test restarts PostgreSQL under the session's.
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield urlsplit(admin)._replace(path=f"/{name}").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")

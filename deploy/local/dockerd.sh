@@ -21,8 +21,11 @@ mkdir -p "$root/.state"
 # Every sandbox has a bridge network of its own. Docker's default pools hold about 30 networks
 # (/16s and /20s); a sandbox needs a handful of addresses, so /26s: 1024 networks in one /16.
 pool=${SANDBOX_DOCKER_ADDRESS_POOL:-base=10.213.0.0/16,size=26}
-log "starting dockerd (address pool $pool; log: .state/dockerd.log)"
-setsid nohup dockerd --default-address-pool "$pool" >"$root/.state/dockerd.log" 2>&1 </dev/null &
+# live-restore: containers keep running while dockerd restarts (an upgrade, a crash), so a
+# candidate's terminal session and processes survive it.
+log "starting dockerd (address pool $pool, live-restore; log: .state/dockerd.log)"
+setsid nohup dockerd --default-address-pool "$pool" --live-restore \
+	>"$root/.state/dockerd.log" 2>&1 </dev/null &
 for _ in $(seq 1 120); do
 	if docker info >/dev/null 2>&1; then
 		log "running ($(docker version --format '{{.Server.Version}}'))"
