@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from api import openapi
 from engine.errors import ConflictError, EngineError, NotFoundError, StackError, TemplateError
-from engine.service import InvalidRequest, QuotaExceeded
+from engine.service import EngineBusy, InvalidRequest, QuotaExceeded
 
 log = logging.getLogger("sandbox_engine.api")
 TITLES = {
@@ -77,6 +78,8 @@ def install(app: FastAPI) -> None:
             return problem(404, str(exc))
         if isinstance(exc, ConflictError):
             return problem(409, str(exc))
+        if isinstance(exc, EngineBusy):
+            return problem(503, str(exc), headers={"Retry-After": "5"})
         if isinstance(exc, QuotaExceeded):
             return problem(429, str(exc), headers={"Retry-After": "60"})
         if isinstance(exc, TemplateError):
@@ -84,6 +87,15 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, StackError):
             return problem(502, str(exc))
         return problem(500, "internal error")
+
+    # The database is down or restarting (PoolTimeout is one of these): nothing was changed
+    # that the client cannot retry.
+    @app.exception_handler(psycopg.OperationalError)
+    async def database(_: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return problem(
+            503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

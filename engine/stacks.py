@@ -359,6 +359,9 @@ class StackManager:
             except auto.CommandError as exc:
                 self._remove_stack(name)
                 raise StackError(_summarize(exc)) from exc
+            except docker.errors.DockerException as exc:  # the engine's own Docker calls
+                self._remove_stack(name)
+                raise StackError(f"Docker is not reachable: {exc}") from exc
             except BaseException:
                 self._remove_stack(name)
                 raise
