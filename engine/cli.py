@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -312,8 +313,12 @@ def _cmd_firewall(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         if args.firewall_command == "apply":
-            changed = firewall.apply()
-            print("\n".join(changed) if changed else "firewall: already in place")
+            while True:
+                changed = firewall.apply()
+                print("\n".join(changed) if changed else "firewall: in place", flush=True)
+                if not args.every:
+                    break
+                time.sleep(args.every)  # a host reboot or a flush loses the rules
         elif args.firewall_command == "remove":
             firewall.remove()
             print("firewall: removed")
@@ -346,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         "firewall", help="the host rules that keep sandboxes off the host (needs root)"
     )
     fw.add_argument("firewall_command", choices=["apply", "check", "remove"])
+    fw.add_argument(
+        "--every", type=float, default=0, metavar="SECONDS", help="apply: again every SECONDS"
+    )
     fw.set_defaults(func=_cmd_firewall)
     images = sub.add_parser("images", help="workspace and service images")
     images_sub = images.add_subparsers(dest="images_command", required=True, metavar="ACTION")

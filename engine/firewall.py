@@ -93,10 +93,14 @@ def apply() -> list[str]:
     done: list[str] = []
     for family in families():
         for chain, rules in chain_rules(family).items():
-            _run(family, "-N", chain, check=False)  # exists already: fine
-            _run(family, "-F", chain)
-            for rule in rules:
-                _run(family, "-A", chain, *rule)
+            if not _chain_is(family, chain, rules):
+                # Rewritten only when different: a flushed chain lets traffic through until
+                # it is filled again, so a periodic apply must not flush a correct one.
+                _run(family, "-N", chain, check=False)  # exists already: fine
+                _run(family, "-F", chain)
+                for rule in rules:
+                    _run(family, "-A", chain, *rule)
+                done.append(f"{family.command}: chain {chain}")
             parent = JUMPS[chain]
             _run(family, "-N", parent, check=False)  # DOCKER-USER before dockerd made it
             jump = ["-i", IFACE, "-j", chain]
@@ -111,19 +115,25 @@ def problems() -> list[str]:
     found: list[str] = []
     for family in families():
         for chain, rules in chain_rules(family).items():
-            listed = _run(family, "-S", chain, check=False)
-            if listed.returncode != 0:
+            if _run(family, "-S", chain, check=False).returncode != 0:
                 found.append(f"{family.command}: chain {chain} is missing")
                 continue
-            want = [f"-A {chain} {' '.join(r)}" for r in rules]
-            have = [line for line in listed.stdout.splitlines() if line.startswith("-A ")]
-            if [normalise(line) for line in have] != [normalise(line) for line in want]:
+            if not _chain_is(family, chain, rules):
                 found.append(f"{family.command}: chain {chain} has other rules")
             parent = JUMPS[chain]
             jump = ["-i", IFACE, "-j", chain]
             if _run(family, "-C", parent, *jump, check=False).returncode != 0:
                 found.append(f"{family.command}: {parent} does not send {IFACE} to {chain}")
     return found
+
+
+def _chain_is(family: Family, chain: str, rules: list[list[str]]) -> bool:
+    listed = _run(family, "-S", chain, check=False)
+    if listed.returncode != 0:
+        return False
+    want = [f"-A {chain} {' '.join(r)}" for r in rules]
+    have = [line for line in listed.stdout.splitlines() if line.startswith("-A ")]
+    return [normalise(line) for line in have] == [normalise(line) for line in want]
 
 
 def normalise(rule: str) -> str:

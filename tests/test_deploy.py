@@ -18,6 +18,7 @@ import docker
 import httpx
 import pytest
 
+from engine import firewall
 from engine.stacks import remove_labelled
 from tests.conftest import ROOT
 
@@ -135,6 +136,10 @@ def test_the_stack_serves_the_api_and_sandboxes_through_traefik(
         f"http://127.0.0.1:{d['ports']['http']}/healthz", headers={"Host": "api.smoke.test"}
     )
     assert plain.status_code in (301, 308) and plain.headers["location"].startswith("https://")
+
+    # The firewall service keeps the host rules in place.
+    assert "firewall:" in compose(d["env"], d["project"], "logs", "firewall")
+    assert firewall.problems() == []
 
     # The first admin key is in a 0600 file in the state volume, not in the logs.
     key = compose(d["env"], d["project"], "exec", "-T", "api", "cat", "/app/.state/first-admin-key")

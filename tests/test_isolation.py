@@ -325,3 +325,16 @@ def test_fork_bomb_memory_hog_and_cpu_hog_stay_inside(lab: Lab) -> None:
     # Twice the idle p99, with a floor: an idle p99 of a few ms moves by that much on its own.
     assert busy_p99 <= max(2 * idle_p99, 0.025), (idle_p99, busy_p99)
     assert a.exec_run(["echo", "ok"]).exit_code == 0
+
+
+def test_the_firewall_is_checked_and_repaired_without_a_gap() -> None:
+    assert firewall.apply() == []  # in place: a periodic apply changes nothing
+    chain = firewall.FORWARD_CHAIN
+    subprocess.run(["iptables", "-F", chain], check=True)  # tampered with
+    try:
+        assert firewall.problems() == [f"iptables: chain {chain} has other rules"]
+    finally:
+        assert firewall.apply() == [f"iptables: chain {chain}"]
+    assert firewall.problems() == []
+    rules = firewall.chain_rules(firewall.FAMILIES[0])
+    assert rules[firewall.INPUT_CHAIN][-1][:2] == ["-j", "REJECT"]  # anything new: refused
