@@ -18,6 +18,7 @@ import httpx
 import psycopg
 import pytest
 import websockets
+from psycopg import sql
 
 from engine.migrate import migrate
 from engine.settings import Settings
@@ -51,11 +52,18 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
     docker_client: docker.DockerClient,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    state = tmp_path / "pulumi-state"
-    state.mkdir()
-    settings = Settings(
-        database_url=database, pulumi_backend_url=f"file://{state}", templates_dir=LIVE
-    )
+    # The production backend: Pulumi's state in a table of the engine's database.
+    settings = Settings(database_url=database, templates_dir=LIVE)
+
+    def state() -> dict[str, str]:
+        with psycopg.connect(database) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT key, data::text FROM {}").format(
+                    sql.Identifier(settings.pulumi_state_table)
+                )
+            ).fetchall()
+        return {f"state {key}": data for key, data in rows}
+
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
         member = create_client(conn, name="hiring", role=Role.MEMBER)[1]
@@ -87,7 +95,8 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
             _wait(http, sid, "running")
             # While it runs: its stack config and state exist (they go with the destroy).
             seen_config.update(_files(settings.stack_config_path))
-            seen_config.update(_files(state))
+            seen_config.update(state())
+            assert any(sid in key for key in seen_config)  # the stack's checkpoint is there
             token = http.post(f"/api/v1/sandboxes/{sid}/access-tokens").json()["token"]
             assert anon.get(f"/api/v1/access/{token}").status_code == 200
             assert anon.get(f"/api/v1/access/{token}x").status_code == 404
@@ -139,7 +148,7 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
         "response bodies": "\n".join(body for _, body in bodies),
         "database rows": "\n".join(rows),
         "stack config and Pulumi state while running": "\n".join(seen_config.values()),
-        "Pulumi state after the destroy": "\n".join(_files(state).values()),
+        "Pulumi state after the destroy": "\n".join(state().values()),
     }
     needles = {
         "member key": member,
