@@ -44,6 +44,43 @@ class Workspace:
 
 
 @dataclass(frozen=True)
+class Task:
+    """What a candidate starts from: ``templates/tasks/<folder>`` copied into the workspace's
+    workdir (owned by the workspace user), optionally made a git repository with a first
+    commit, then ``init`` commands run as the workspace user (their output in the events)."""
+
+    folder: str
+    git: bool = True
+    init: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Terminal sessions recorded as asciicast v2: output always (when enabled), keystrokes
+    only with ``input``; ``notice`` tells the candidate the session is recorded."""
+
+    enabled: bool = True
+    input: bool = False
+    notice: bool = True
+
+
+@dataclass(frozen=True)
+class Archive:
+    """What is archived before the sandbox is destroyed (expiry, delete or submit), and for
+    how long it is kept (None: the engine's ``archive_retention``)."""
+
+    paths: tuple[str, ...] = ("/home/coder",)
+    retention: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class Submit:
+    """What a candidate's submit does after archiving: ``destroy`` the sandbox too."""
+
+    destroy: bool = False
+
+
+@dataclass(frozen=True)
 class Template:
     name: str
     base_image: str
@@ -63,10 +100,17 @@ class Template:
     pool: int = 0
     # SHA-256 of the file's bytes: pooled sandboxes made from an older version are not claimed.
     digest: str = ""
+    task: Task | None = None
+    recording: Recording = Recording()
+    archive: Archive = Archive()
+    submit: Submit = Submit()
 
 
 DEFAULT_PIDS_LIMIT = 1024
 MAX_POOL = 50
+TASKS_FOLDER = "tasks"  # beside the templates: templates/tasks/<folder>
+MAX_INIT = 20  # init commands of a task
+MAX_ARCHIVE_PATHS = 10
 
 
 class _Lines:
@@ -191,6 +235,10 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         "workspace",
         "claude_auth",
         "pool",
+        "task",
+        "recording",
+        "archive",
+        "submit",
     }
     for key in raw:
         if key not in known:
@@ -340,6 +388,73 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         fail("description", "must be a string")
         description = ""
 
+    def section(path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        value = raw.get(path)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            fail(path, f"must be a mapping ({', '.join(allowed)})")
+            return {}
+        for key in value:
+            if key not in allowed:
+                fail(f"{path}.{key}", f"unknown field (known: {', '.join(allowed)})")
+        return value
+
+    def flag(path: str, value: Any, default: bool) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            fail(path, "must be true or false")
+            return default
+        return value
+
+    task: Task | None = None
+    raw_task = section("task", ("folder", "git", "init"))
+    if raw_task:
+        folder = raw_task.get("folder")
+        if not isinstance(folder, str) or not NAME.fullmatch(folder):
+            fail(
+                "task.folder", "must name a folder of templates/tasks/ (lowercase, digits, dashes)"
+            )
+            folder = ""
+        else:
+            where = Path(file).parent / TASKS_FOLDER / folder
+            tasks = (Path(file).parent / TASKS_FOLDER).resolve()
+            if not where.is_dir() or tasks not in where.resolve().parents:
+                fail("task.folder", f"{TASKS_FOLDER}/{folder} is not a folder beside the template")
+        init = raw_task.get("init") or []
+        if not isinstance(init, list) or len(init) > MAX_INIT:
+            fail("task.init", f"must be a list of at most {MAX_INIT} commands")
+            init = []
+        for i, command in enumerate(init):
+            if not isinstance(command, str) or not command.strip() or len(command) > 4096:
+                fail(
+                    f"task.init[{i}]", "must be a shell command (a non-empty string, 4 KiB at most)"
+                )
+        task = Task(
+            folder=folder,
+            git=flag("task.git", raw_task.get("git"), True),
+            init=tuple(c for c in init if isinstance(c, str)),
+        )
+    raw_rec = section("recording", ("enabled", "input", "notice"))
+    recording = Recording(
+        enabled=flag("recording.enabled", raw_rec.get("enabled"), True),
+        input=flag("recording.input", raw_rec.get("input"), False),
+        notice=flag("recording.notice", raw_rec.get("notice"), True),
+    )
+    raw_archive = section("archive", ("paths", "retention"))
+    paths = raw_archive.get("paths", list(Archive.paths))
+    if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_ARCHIVE_PATHS:
+        fail("archive.paths", f"must be a list of 1 to {MAX_ARCHIVE_PATHS} absolute paths")
+        paths = list(Archive.paths)
+    for i, p in enumerate(paths):
+        if not isinstance(p, str) or not p.startswith("/") or ".." in p.split("/"):
+            fail(f"archive.paths[{i}]", "must be an absolute path without '..'")
+    retention = duration("archive.retention", raw_archive.get("retention"))
+    archive = Archive(paths=tuple(str(p) for p in paths), retention=retention)
+    raw_submit = section("submit", ("destroy",))
+    submit = Submit(destroy=flag("submit.destroy", raw_submit.get("destroy"), False))
+
     if problems:
         raise TemplateError(file, problems)
     assert ttl is not None and max_ttl is not None
@@ -359,6 +474,10 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         description=description.strip(),
         source=file,
         pool=pool,
+        task=task,
+        recording=recording,
+        archive=archive,
+        submit=submit,
     )
 
 

@@ -20,6 +20,7 @@ import httpx
 import psycopg
 import pytest
 
+from api.app import DB_WAIT
 from engine.settings import Settings
 from engine.spec import L_ROLE, L_SANDBOX
 from engine.stacks import engine_objects, remove_labelled
@@ -200,7 +201,7 @@ def test_postgres_restart_under_load(
         time.sleep(2)
         t_stop = time.monotonic()
         _postgres("stop")
-        time.sleep(3)
+        time.sleep(DB_WAIT + 2)  # longer than a request waits for a connection: 503s are due
         _postgres("")
         t_up = time.monotonic()
         time.sleep(8)
