@@ -24,7 +24,7 @@ import docker.errors
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from engine import store, workers
+from engine import store, tasks, workers
 from engine.errors import ConflictError, EngineError, NotFoundError
 from engine.settings import Settings
 from engine.stacks import StackManager, container_states, engine_objects
@@ -642,11 +642,11 @@ class SandboxService:
         if self._jobs:
             await asyncio.wait(self._jobs)
 
-    def _progress(self, sandbox_id: str) -> Any:
+    def _progress(self, sandbox_id: str, kind: str = "progress") -> Any:
         loop = asyncio.get_running_loop()
 
         def emit(line: str) -> None:
-            asyncio.run_coroutine_threadsafe(self._event(sandbox_id, "progress", line), loop)
+            asyncio.run_coroutine_threadsafe(self._event(sandbox_id, kind, line), loop)
 
         return emit
 
@@ -695,6 +695,29 @@ class SandboxService:
             if row.owner_id is None:  # a pool create: wait before trying this template again
                 self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
             return
+        if template.task is not None:
+            # Seeded before the sandbox is offered (a pool sandbox is claimed ready to work).
+            try:
+                await asyncio.to_thread(
+                    tasks.seed,
+                    template,
+                    self.settings.templates_path,
+                    str(outputs["workspace"]),
+                    self._progress(row.id, "task"),
+                )
+            except Exception as exc:
+                log.warning("sandbox %s: task seeding failed: %s", row.id, exc)
+                try:
+                    await self._stack_op(
+                        self.stacks.destroy, row.id, progress=self._progress(row.id)
+                    )
+                    error = f"{exc}; cleaned up"
+                except Exception as cleanup:
+                    error = f"{exc}; the cleanup failed too: {cleanup}"
+                await self._finish(row.id, SandboxState.FAILED, error=error[:2000])
+                if row.owner_id is None:
+                    self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
+                return
         ready = SandboxState.POOLED if row.owner_id is None else SandboxState.RUNNING
         await self._finish(row.id, ready, outputs=outputs)
         if row.owner_id is None:

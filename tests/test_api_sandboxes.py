@@ -298,7 +298,7 @@ def test_openapi_documents_every_endpoint(api: dict[str, Any]) -> None:
 def test_templates_and_ops(api: dict[str, Any]) -> None:
     with client(api, "bob") as bob:
         names = {t["name"] for t in bob.get("/api/v1/templates").json()}
-        assert names == {"backend-python", "backend-node", "backend-go"}
+        assert names == {"backend-python", "backend-node", "backend-go", "interview-python"}
         go = bob.get("/api/v1/templates/backend-go").json()
         assert go["services"] == ["postgres"] and go["memory_limit"] == "4096Mi"
         assert bob.get("/api/v1/templates/nope").status_code == 404

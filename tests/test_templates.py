@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 def test_shipped_templates_load() -> None:
     templates = load_all(ROOT / "templates")
-    assert set(templates) == {"backend-python", "backend-node", "backend-go"}
+    assert set(templates) == {"backend-python", "backend-node", "backend-go", "interview-python"}
     py = templates["backend-python"]
     assert py.base_image == "workspace-python:latest"
     assert py.services == ("postgres", "redis")
