@@ -69,6 +69,17 @@ class SandboxList(BaseModel):
     items: list[SandboxPublic]
 
 
+class TimelineEntry(BaseModel):
+    """One moment of a sandbox's activity timeline (engine/timeline.py)."""
+
+    at: datetime
+    what: str = Field(
+        description="created, task, running, terminal, idle, warned, extended, submitted, "
+        "archived, destroying, destroyed, expired, failed, repaired"
+    )
+    detail: str
+
+
 class TemplatePublic(BaseModel):
     name: str
     description: str
@@ -140,3 +151,56 @@ class CandidateView(BaseModel):
     expires_at: datetime
     endpoints: list[dict[str, Any]]
     terminal: str = Field(description="WebSocket path that this token opens")
+    recorded: bool = Field(
+        default=False,
+        description="the terminal is recorded and the template says so to the candidate",
+    )
+
+
+RecordingId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")]
+
+
+class RecordingPublic(BaseModel):
+    """A recorded terminal session (asciicast v2): who opened it, when, its size."""
+
+    id: str
+    sandbox_id: str
+    role: Literal["candidate", "member", "admin"]
+    client: str = Field(description="the key's name; 'candidate' for a candidate's link")
+    started_at: datetime
+    ended_at: datetime | None = Field(description="none while the session is open")
+    width: int
+    height: int
+    bytes: int = Field(description="the file's size, once the session ended")
+    has_input: bool = Field(description="keystrokes are recorded too")
+    download: str = Field(description="path of the .cast file")
+
+
+class RecordingList(BaseModel):
+    items: list[RecordingPublic]
+
+
+class ArchivePublic(BaseModel):
+    """A workspace archive (engine/archives.py); it outlives its sandbox."""
+
+    id: int
+    sandbox_id: str
+    reason: Literal["expired", "deleted", "submitted"]
+    created_at: datetime
+    expires_at: datetime
+    bytes: int = Field(description="size of the .tar.gz")
+    files: int = Field(description="regular files in it")
+    sha256: str | None
+    git: str | None = Field(description="git log and diff of a repository in the workspace")
+    notes: str | None = Field(description="what was left out on purpose, paths not found")
+    error: str | None = Field(description="why the archive failed; then there is no file")
+    download: str | None
+
+
+class ArchiveList(BaseModel):
+    items: list[ArchivePublic]
+
+
+class SubmitReport(BaseModel):
+    archive: ArchivePublic
+    destroyed: bool = Field(description="the template destroys the sandbox on submit")

@@ -64,6 +64,10 @@ MATRIX: dict[tuple[str, str], tuple[str, tuple[int | str, ...]]] = {
         "/api/v1/sandboxes/{sid}/events",
         (401, 200, 404, 200, 401, 401, 401),
     ),
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/timeline"): (
+        "/api/v1/sandboxes/{sid}/timeline",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
     ("GET", "/api/v1/templates"): ("/api/v1/templates", (401, 200, 200, 200, 401, 401, 401)),
     ("GET", "/api/v1/templates/{name}"): (
         "/api/v1/templates/backend-go",

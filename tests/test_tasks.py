@@ -135,6 +135,8 @@ def test_a_seeded_task_is_in_the_workspace_with_its_owner_and_init_output(
         while http.get(f"/api/v1/sandboxes/{sid}").json()["state"] != "destroyed":
             assert time.monotonic() < deadline
             time.sleep(0.3)
+    whats = [e["what"] for e in http.get(f"/api/v1/sandboxes/{sid}/timeline").json()]
+    assert whats[:3] == ["created", "task", "running"] and whats[-1] == "destroyed", whats
 
 
 def test_an_init_that_fails_fails_the_create_and_leaves_nothing(

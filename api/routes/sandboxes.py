@@ -18,10 +18,12 @@ from api.schemas import (
     SandboxId,
     SandboxList,
     SandboxPublic,
+    TimelineEntry,
 )
 from engine import tokens
 from engine.service import CreateRequest
 from engine.store import SandboxState
+from engine.timeline import timeline
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["sandboxes"])
 STREAM_END = ("running", "failed", "destroyed", "expired")
@@ -161,3 +163,16 @@ async def sandbox_events(
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
     )
+
+
+@router.get("/{sandbox_id}/timeline", response_model=list[TimelineEntry], responses={404: {}})
+async def sandbox_timeline(
+    sandbox_id: SandboxId, client: ClientDep, service: ServiceDep
+) -> list[TimelineEntry]:
+    """What happened to the sandbox, for a reviewer: created, task seeded, terminals connected
+    and disconnected, idle periods, extended, submitted, archived, destroyed."""
+    await service.get(client, sandbox_id)
+    return [
+        TimelineEntry(at=e.at, what=e.what, detail=e.detail)
+        for e in timeline(await service.events(sandbox_id))
+    ]
