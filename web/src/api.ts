@@ -41,6 +41,7 @@ export type CandidateView = {
   terminal: string;
 };
 export type SandboxEvent = { id: number; kind: string; message: string; at: string };
+export type TimelineEntry = { at: string; what: string; detail: string };
 
 export class ApiError extends Error {
   constructor(
@@ -92,6 +93,7 @@ export class Api {
       body: JSON.stringify({ ttl }),
     });
   destroy = (id: string) => this.call<Sandbox>(`/api/v1/sandboxes/${id}`, { method: "DELETE" });
+  timeline = (id: string) => this.call<TimelineEntry[]>(`/api/v1/sandboxes/${id}/timeline`);
   accessToken = (id: string) =>
     this.call<{ token: string; url: string; expires_at: string }>(
       `/api/v1/sandboxes/${id}/access-tokens`,

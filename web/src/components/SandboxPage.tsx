@@ -2,6 +2,7 @@ import { useEffect, useState } from "react";
 import { Api, Sandbox } from "../api";
 import { ExpiryBanner } from "./ExpiryBanner";
 import { Terminal } from "./Terminal";
+import { Timeline } from "./Timeline";
 
 export function SandboxPage({ api, id }: { api: Api; id: string }) {
   const [sandbox, setSandbox] = useState<Sandbox | null>(null);
@@ -43,6 +44,7 @@ export function SandboxPage({ api, id }: { api: Api; id: string }) {
       {sandbox.state === "creating" && <p className="muted">The sandbox is starting…</p>}
       {sandbox.state === "running" && <Terminal path={`/api/v1/ws/terminal/${id}?token=${encodeURIComponent(api.key)}`} />}
       {sandbox.state === "failed" && <p className="error">{sandbox.error}</p>}
+      <Timeline api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
     </main>
   );
 }
