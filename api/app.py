@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import openapi, problems, redact, terminal
 from api.failures import AuthFailures
-from api.routes import access, keys, ops, sandboxes, templates
+from api.routes import access, archives, keys, ops, sandboxes, templates
 from engine import tokens
 from engine.migrate import migrate
 from engine.reaper import Reaper
@@ -148,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
         templates.router,
         keys.router,
         access.router,
+        archives.router,
         terminal.router,
     ):
         app.include_router(router)

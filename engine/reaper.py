@@ -7,8 +7,8 @@ service's ordinary destroy job (reason ``ttl``, final state ``expired``).
 
 Each pass, in order: settle sandboxes whose engine process died (reconcile), destroy the
 expired, warn the soon-to-expire, repair running sandboxes changed by hand (drift), and every
-``sweep_interval`` remove orphans; then prune rows past the retention period. One step failing
-does not stop the others.
+``sweep_interval`` remove orphans; then prune rows past the retention period, and archives
+past theirs (engine/archives.py). One step failing does not stop the others.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class Reaper:
         )
         if pruned:
             log.info("pruned %d sandboxes past the retention period", pruned)
+        await self._step("expired archives", self.service.archiver.prune(now))
         return [row.id for row in claimed]
 
     @staticmethod

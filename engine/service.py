@@ -24,12 +24,12 @@ import docker.errors
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from engine import store, tasks, workers
+from engine import archives, store, tasks, workers
 from engine.errors import ConflictError, EngineError, NotFoundError
 from engine.settings import Settings
 from engine.stacks import StackManager, container_states, engine_objects
 from engine.store import Client, DestroyReason, SandboxRow, SandboxState
-from engine.templates import Template, find, load_all
+from engine.templates import Archive, Template, find, load_all
 from engine.units import format_duration, parse_duration
 
 log = logging.getLogger("sandbox_engine.service")
@@ -103,6 +103,7 @@ class SandboxService:
         # Templates whose last pool create failed, and until when refills of it wait.
         self._pool_backoff: dict[str, float] = {}
         self.lease = workers.WorkerLease(settings.database_url.get_secret_value())
+        self.archiver = archives.Archiver(settings, self.db)
 
     async def start(self) -> None:
         """Take this process's worker lease and learn the engine's instance id."""
@@ -724,6 +725,7 @@ class SandboxService:
             self._pool_backoff.pop(row.template, None)
 
     async def _destroy_job(self, sandbox_id: str, reason: DestroyReason) -> None:
+        await self._archive_before_destroy(sandbox_id, reason)
         try:
             await self._stack_op(
                 self.stacks.destroy, sandbox_id, progress=self._progress(sandbox_id)
@@ -736,6 +738,88 @@ class SandboxService:
             return
         final = SandboxState.EXPIRED if reason == DestroyReason.TTL else SandboxState.DESTROYED
         await self._finish(sandbox_id, final)
+
+    async def _archive_before_destroy(self, sandbox_id: str, reason: DestroyReason) -> None:
+        """Archive the workspace of a sandbox someone owns before its stack goes (the state
+        stays ``destroying``); bounded (engine/archives.py), and never stops the destroy."""
+        why = archives.REASONS.get(reason)
+        row: SandboxRow | None = await self.db(store.get_sandbox, sandbox_id)
+        if why is None or row is None or row.owner_id is None:
+            return
+        try:
+            await self.archiver.archive(row, why, self._archive_spec(row.template))
+        except Exception:
+            log.exception("archive of %s before its destroy", sandbox_id)
+
+    def _archive_spec(self, template: str) -> Archive:
+        """The template's archive section; the defaults when the template is gone meanwhile."""
+        try:
+            return self.template(template).archive
+        except EngineError:
+            return Archive()
+
+    async def submit(self, sandbox_id: str, *, by: str) -> dict[str, Any]:
+        """The candidate hands in: archive now (reason submitted), an event, a line on the
+        workspace's terminals, then a destroy when the template's ``submit.destroy`` says so.
+        Returns {archive, destroyed}. Once per sandbox: a second submit, even at the same
+        time, waits for the first one's report and returns it."""
+        if not await self.db(archives.claim_submit, sandbox_id, by=by):
+            return await self._submit_report(sandbox_id)
+        try:
+            row: SandboxRow = await self.db(store.get_sandbox, sandbox_id)
+            try:
+                template: Template | None = self.template(row.template)
+            except EngineError:
+                template = None
+            spec = template.archive if template else Archive()
+            made = await self.archiver.archive(row, "submitted", spec)
+            await self._event(sandbox_id, "submit", f"submitted by {by}")
+            destroy = bool(template and template.submit.destroy)
+            if destroy:
+                destroy = await self._destroy_submitted(sandbox_id)
+            report = {"archive": made.public(), "destroyed": destroy}
+            await self.db(archives.finish_submit, sandbox_id, report)
+        except BaseException:
+            await self.db(archives.drop_submit, sandbox_id)
+            raise
+        workspace = (row.outputs or {}).get("workspace")
+        if workspace:
+            text = (
+                f"Submitted: {made.files} files archived"
+                if made.error is None
+                else f"Submitted, but the archive failed: {made.error}"
+            ) + ("; the workspace is being removed" if destroy else "")
+            await asyncio.to_thread(notify_terminal, str(workspace), text)
+        return report
+
+    async def _submit_report(self, sandbox_id: str) -> dict[str, Any]:
+        """The report of the submit another call started (waited for while it archives)."""
+        deadline = time.monotonic() + self.settings.archive_timeout + archives.DOCKER_TIMEOUT * 2
+        while True:
+            claimed, report = await self.db(archives.submit_report, sandbox_id)
+            if report is not None:
+                return dict(report)
+            if not claimed or time.monotonic() > deadline:
+                raise ConflictError(f"the submit of sandbox {sandbox_id} did not finish; retry")
+            await asyncio.sleep(0.5)
+
+    async def _destroy_submitted(self, sandbox_id: str) -> bool:
+        """Start the destroy a template's ``submit.destroy`` asks for (reason submitted: the
+        destroy does not archive again); False when the sandbox is no longer running."""
+        reason = DestroyReason.SUBMITTED
+
+        def begin(conn: psycopg.Connection) -> bool:
+            row = store.transition(
+                conn, sandbox_id, SandboxState.DESTROYING, reason=reason.value, worker=self.worker
+            )
+            if row is not None:
+                store.add_event(conn, sandbox_id, "state", f"destroying ({reason})")
+            return row is not None
+
+        if not await self.db(begin):
+            return False
+        self.start_destroy(sandbox_id, reason)
+        return True
 
     async def _finish(
         self,

@@ -6,6 +6,7 @@ started by ``deploy/local/postgres.sh`` and the toolchain linked into ``.toolcha
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -87,6 +88,16 @@ class Settings(BaseSettings):
     edge_host: str = "127.0.0.1"
     edge_port: int = Field(default=8088, ge=1, le=65535)
     edge_ping_port: int = Field(default=8089, ge=1, le=65535)
+    # Folder of workspace archives (made before a destroy and on submit); default
+    # <state dir>/archives.
+    archives_dir: Path | None = None
+    # How long an archive is kept when its template sets no archive.retention (seconds or
+    # ISO 8601, e.g. P30D).
+    archive_retention: timedelta = Field(default=timedelta(days=30), ge=timedelta(hours=1))
+    # Attempts at one archive before the destroy goes on without it (1 s, 2 s… between them).
+    archive_attempts: int = Field(default=3, ge=1, le=10)
+    # Seconds all attempts at one archive may take together (plus one Docker call's 30 s).
+    archive_timeout: float = Field(default=120, ge=1, le=3600)
 
     @field_validator("database_url")
     @classmethod
@@ -126,6 +137,10 @@ class Settings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir or self.project_dir / ".state"
+
+    @property
+    def archives_path(self) -> Path:
+        return self.archives_dir or self.state_path / "archives"
 
     @property
     def toolchain_path(self) -> Path:

@@ -134,6 +134,7 @@ class DestroyReason(StrEnum):
     TTL = "ttl"
     ORPHANED = "orphaned"
     RECYCLED = "recycled"  # a pool sandbox past its age, stale or surplus
+    SUBMITTED = "submitted"  # the candidate submitted and the template destroys on submit
 
 
 LIVE_STATES = [

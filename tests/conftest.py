@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Engines started by tests keep no stack reserve unless a test asks for one: reserved stacks
 # outlive an engine by design, and tests end with nothing of theirs left.
 os.environ.setdefault("SANDBOX_STACK_RESERVE", "0")
+# Every destroy archives the workspace: tests' archives go to a folder of the run (the
+# controller's, inherited by the workers), removed at its end, not to the checkout's .state/.
+if "SANDBOX_ARCHIVES_DIR" not in os.environ:
+    os.environ["SANDBOX_ARCHIVES_DIR"] = tempfile.mkdtemp(prefix="sandbox-test-archives-")
+    RUN_ARCHIVES: str | None = os.environ["SANDBOX_ARCHIVES_DIR"]
+else:
+    RUN_ARCHIVES = None
 # Every Docker object a test creates carries this label; the session ends by checking none is left.
 TEST_LABEL = "io.sandbox-engine.test"
 
@@ -61,6 +70,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     runs once, in the controller, after every worker has finished."""
     if hasattr(session.config, "workerinput"):
         return
+    if RUN_ARCHIVES:
+        shutil.rmtree(RUN_ARCHIVES, ignore_errors=True)
     try:
         left = _leftovers()
     except docker.errors.DockerException:

@@ -68,6 +68,24 @@ MATRIX: dict[tuple[str, str], tuple[str, tuple[int | str, ...]]] = {
         "/api/v1/sandboxes/{sid}/timeline",
         (401, 200, 404, 200, 401, 401, 401),
     ),
+    # Archives are for keys only; a submit by the owner, an admin, or the sandbox's own token
+    # (bob's token submits his recorded-only sandbox: its failed archive is the report).
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/archives"): (
+        "/api/v1/sandboxes/{sid}/archives",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/archives/{archive_id}"): (
+        "/api/v1/sandboxes/{sid}/archives/{archive}",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
+    ("POST", "/api/v1/sandboxes/{sandbox_id}/submit"): (
+        "/api/v1/sandboxes/{sid}/submit",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
+    ("POST", "/api/v1/access/{token}/submit"): (
+        "/api/v1/access/{credential}/submit",
+        (404, 404, 404, 404, 404, 200, 200),
+    ),
     ("GET", "/api/v1/templates"): ("/api/v1/templates", (401, 200, 200, 200, 401, 401, 401)),
     ("GET", "/api/v1/templates/{name}"): (
         "/api/v1/templates/backend-go",
@@ -161,6 +179,15 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                         " VALUES (%s, %s, 'backend-go', %s, %s)",
                         (sandbox_id, clients[owner][0].id, state, expires),
                     )
+                # An archive of alice's sandbox (its file, and its row).
+                archive = f"{sid}-authz.tar.gz"
+                (archive_id,) = conn.execute(
+                    "INSERT INTO archives (sandbox_id, owner_id, reason, file, expires_at)"
+                    " VALUES (%s, %s, 'deleted', %s, %s) RETURNING id",
+                    (sid, clients["alice"][0].id, archive, expires),
+                ).fetchone()
+            settings.archives_path.mkdir(parents=True, exist_ok=True)
+            (settings.archives_path / archive).write_bytes(b"")
             secret = tokens.secret_key(settings)
             credentials = {
                 "anon": "",
@@ -171,7 +198,12 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             yield {
                 "address": address,
                 "credentials": credentials,
-                "fill": {"sid": sid, "gone": "gone000001", "spare": clients["spare"][0].id},
+                "fill": {
+                    "sid": sid,
+                    "gone": "gone000001",
+                    "spare": clients["spare"][0].id,
+                    "archive": archive_id,
+                },
             }
             with psycopg.connect(module_database, autocommit=True) as conn:
                 conn.execute("DELETE FROM sandboxes WHERE id IN ('bobs000001', 'admins0001')")

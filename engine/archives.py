@@ -1,0 +1,446 @@
+"""Workspace archives: what a candidate left in the workspace, kept after the sandbox is gone.
+
+Before a sandbox is destroyed (expired, deleted) and on submit, the template's
+``archive.paths`` are streamed out of the workspace container (Docker's archive endpoint, one
+tar per path) and re-packed, member by member, into one ``.tar.gz`` in ``archives_dir``: no
+archive is ever held in memory, owners and modes are kept, names are made absolute. The shared
+``claude-auth`` volume (the operator's Claude credentials) is left out, and said so in the
+archive's notes. A git repository found under the paths adds a summary: its log and its diff
+against the first commit, uncommitted and untracked files included, run as the workspace user.
+
+An archive never blocks a destroy for long: it is tried ``archive_attempts`` times (1 s, 2 s…
+between attempts) within ``archive_timeout`` seconds, plus at most one Docker call's timeout;
+then the failure is recorded (a row with ``error``, an ``archive failed`` event) and the
+destroy goes on. A workspace container that is already gone fails at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import posixpath
+import secrets
+import tarfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import docker
+import docker.errors
+import psycopg
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from engine import store
+from engine.errors import ConflictError, NotFoundError
+from engine.settings import Settings
+from engine.spec import CLAUDE_AUTH_VOLUME
+from engine.store import DestroyReason, SandboxRow
+from engine.templates import Archive
+
+log = logging.getLogger("sandbox_engine.archives")
+
+# The archive reason of a destroy; destroys not listed are not archived (a pool sandbox's
+# recycling, an orphan's removal, a submit that archived already).
+REASONS = {DestroyReason.TTL: "expired", DestroyReason.REQUEST: "deleted"}
+GIT_MAX = 256 * 1024  # bytes of git summary kept per repository
+MAX_REPOS = 5
+CHUNK = 1 << 20
+DOCKER_TIMEOUT = 30.0  # seconds one Docker call may take
+
+# Log and diff of the repository in $1 against its first commit, with what is not committed:
+# everything in the work tree (ignored files aside) is added to a throwaway index, never to
+# the candidate's own.
+_GIT_SUMMARY = r"""
+cd "$1" || exit 3
+export GIT_PAGER=cat GIT_OPTIONAL_LOCKS=0
+tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
+{
+  echo "== $1"
+  echo "-- git log --oneline"
+  git log --oneline --no-color -n 500
+  first=$(git rev-list --max-parents=0 HEAD 2>/dev/null | tail -n 1)
+  [ -n "$first" ] || first=$(git hash-object -t tree /dev/null)
+  echo "-- git status --short"
+  git status --short
+  echo "-- git diff $first (uncommitted changes included)"
+  GIT_INDEX_FILE="$tmp/index" git add -A >/dev/null
+  GIT_INDEX_FILE="$tmp/index" git diff --cached --no-color "$first"
+} 2>&1 | head -c "$2"
+"""
+
+
+class WorkspaceGone(Exception):
+    """The workspace container does not exist: no attempt can succeed."""
+
+
+@dataclass(frozen=True)
+class ArchiveRow:
+    id: int
+    sandbox_id: str
+    owner_id: int | None
+    reason: str
+    created_at: datetime
+    file: str | None
+    bytes: int
+    files: int
+    sha256: str | None
+    git: str | None
+    notes: str | None
+    error: str | None
+    expires_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        """As the API shows it (api.schemas.ArchivePublic)."""
+        return {
+            "id": self.id,
+            "sandbox_id": self.sandbox_id,
+            "reason": self.reason,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "bytes": self.bytes,
+            "files": self.files,
+            "sha256": self.sha256,
+            "git": self.git,
+            "notes": self.notes,
+            "error": self.error,
+            "download": (
+                f"/api/v1/sandboxes/{self.sandbox_id}/archives/{self.id}" if self.file else None
+            ),
+        }
+
+    def summary(self) -> str:
+        """The event line: what was archived, or why not."""
+        if self.error:
+            return f"archive failed: {self.error}"
+        line = f"archived: {self.files} files, {format_size(self.bytes)} ({self.reason})"
+        return line + (f"; {self.notes}" if self.notes else "")
+
+
+@dataclass(frozen=True)
+class Packed:
+    bytes: int
+    files: int
+    sha256: str
+    repos: tuple[str, ...]  # work trees of git repositories found in the archive
+    notes: tuple[str, ...]
+
+
+def format_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KiB"
+    return f"{size / 1024 / 1024:.1f} MiB"
+
+
+class _Chunks:
+    """A readable file over Docker's chunk iterator, for tarfile's stream mode; raises past the
+    deadline, so a slow stream cannot hold the destroy."""
+
+    def __init__(self, chunks: Iterator[bytes], deadline: float) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self._deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            if time.monotonic() > self._deadline:
+                raise TimeoutError("the archive took longer than archive_timeout")
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._buffer += chunk
+        cut = len(self._buffer) if size < 0 else size
+        data, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return data
+
+
+class _Hashing:
+    """Writes through to a file, counting and hashing what passes."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+
+def pack(workspace: str, paths: tuple[str, ...], dest: Path, *, deadline: float) -> Packed:
+    """Stream ``paths`` out of the container into ``dest`` (a .tar.gz). Blocking: run it in a
+    thread. Raises WorkspaceGone when the container does not exist."""
+    client = docker.from_env(timeout=DOCKER_TIMEOUT)
+    try:
+        try:
+            container = client.containers.get(workspace)
+        except docker.errors.NotFound:
+            raise WorkspaceGone(f"the workspace container {workspace} is gone") from None
+        # The shared credentials volume belongs to the operator, not to the candidate's work.
+        shared = [
+            m["Destination"].rstrip("/")
+            for m in container.attrs.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Name") == CLAUDE_AUTH_VOLUME
+        ]
+        files = 0
+        repos: list[str] = []
+        notes: list[str] = []
+        with dest.open("wb") as raw:
+            out = _Hashing(raw)
+            with tarfile.open(fileobj=out, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                for path in paths:
+                    try:
+                        stream, _ = container.get_archive(path, chunk_size=CHUNK)
+                    except docker.errors.NotFound:
+                        notes.append(f"{path} does not exist")
+                        continue
+                    prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
+                    left_out = 0
+                    with tarfile.open(fileobj=_Chunks(stream, deadline), mode="r|") as src:  # type: ignore[call-overload]
+                        for member in src:
+                            name = posixpath.join(prefix, member.name)
+                            absolute = "/" + name
+                            if any(absolute == s or absolute.startswith(s + "/") for s in shared):
+                                left_out += 1
+                                continue
+                            if member.isdir() and posixpath.basename(name) == ".git":
+                                repos.append(posixpath.dirname(absolute))
+                            data = src.extractfile(member) if member.isreg() else None
+                            member.name = name
+                            if member.islnk():  # hard links name a member of the same tar
+                                member.linkname = posixpath.join(prefix, member.linkname)
+                            tar.addfile(member, data)
+                            files += member.isreg()
+                    if left_out:
+                        notes.append(
+                            f"left out {', '.join(shared)} (the shared Claude credentials,"
+                            f" {left_out} entries)"
+                        )
+        return Packed(out.size, files, out.sha.hexdigest(), tuple(repos), tuple(notes))
+    finally:
+        client.close()
+
+
+def git_summary(workspace: str, repos: tuple[str, ...]) -> str:
+    """Log and diff of each repository (the first MAX_REPOS), run as the container's user.
+    Best effort: a failure is written into the summary instead."""
+    client = docker.from_env(timeout=DOCKER_TIMEOUT)
+    parts: list[str] = []
+    try:
+        container = client.containers.get(workspace)
+        user = (container.attrs.get("Config") or {}).get("User") or "root"
+        for repo in repos[:MAX_REPOS]:
+            result = container.exec_run(
+                ["sh", "-c", _GIT_SUMMARY, "sh", repo, str(GIT_MAX)], user=user
+            )
+            text = result.output.decode("utf-8", "replace")
+            if len(result.output) >= GIT_MAX:
+                text += f"\n… (cut at {GIT_MAX // 1024} KiB)"
+            parts.append(text.rstrip("\n"))
+    except docker.errors.DockerException as exc:
+        parts.append(f"could not run git in the workspace: {exc}")
+    finally:
+        client.close()
+    if len(repos) > MAX_REPOS:
+        parts.append(f"({len(repos) - MAX_REPOS} more repositories not summarised)")
+    return "\n\n".join(parts)
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+
+def insert_archive(
+    conn: psycopg.Connection,
+    *,
+    sandbox: SandboxRow,
+    reason: str,
+    retention: timedelta,
+    file: str | None,
+    packed: Packed | None,
+    git: str | None,
+    error: str | None,
+) -> ArchiveRow:
+    """Record an archive (or a failed one) and its event, in the caller's transaction."""
+    with conn.cursor(row_factory=class_row(ArchiveRow)) as cur:
+        cur.execute(
+            "INSERT INTO archives (sandbox_id, owner_id, reason, file, bytes, files, sha256, git,"
+            " notes, error, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            " now() + %s) RETURNING id, sandbox_id, owner_id, reason, created_at, file, bytes,"
+            " files, sha256, git, notes, error, expires_at",
+            (
+                sandbox.id,
+                sandbox.owner_id,
+                reason,
+                file,
+                packed.bytes if packed else 0,
+                packed.files if packed else 0,
+                packed.sha256 if packed else None,
+                git,
+                "; ".join(packed.notes) if packed and packed.notes else None,
+                error,
+                retention,
+            ),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    store.add_event(conn, sandbox.id, "archive", row.summary())
+    return row
+
+
+def list_archives(
+    conn: psycopg.Connection, sandbox_id: str, *, owner_id: int | None
+) -> list[ArchiveRow]:
+    """The sandbox's archives, oldest first (``owner_id``: only that key's; None: any)."""
+    with conn.cursor(row_factory=class_row(ArchiveRow)) as cur:
+        cur.execute(
+            "SELECT id, sandbox_id, owner_id, reason, created_at, file, bytes, files, sha256, git,"
+            " notes, error, expires_at FROM archives"
+            " WHERE sandbox_id = %s AND (%s::bigint IS NULL OR owner_id = %s) ORDER BY id",
+            (sandbox_id, owner_id, owner_id),
+        )
+        return cur.fetchall()
+
+
+def take_expired(conn: psycopg.Connection, *, now: datetime, limit: int = 500) -> list[str | None]:
+    """Delete up to ``limit`` archives past their expiry; returns their file names (None for
+    failed archives). Rows another transaction holds are skipped (several reapers)."""
+    rows = conn.execute(
+        "DELETE FROM archives WHERE id IN (SELECT id FROM archives WHERE expires_at <= %s"
+        " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING file",
+        (now, limit),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def claim_submit(conn: psycopg.Connection, sandbox_id: str, *, by: str) -> bool:
+    """Claim the sandbox's one submit: True for the first caller. A running sandbox only;
+    the row lock on the sandbox orders two submits arriving at once."""
+    state = conn.execute(
+        "SELECT state FROM sandboxes WHERE id = %s FOR UPDATE", (sandbox_id,)
+    ).fetchone()
+    if state is None:
+        raise NotFoundError(f"no sandbox {sandbox_id!r}")
+    done = conn.execute("SELECT 1 FROM submissions WHERE sandbox_id = %s", (sandbox_id,)).fetchone()
+    if done:
+        return False
+    if state[0] != "running":
+        raise ConflictError(f"sandbox {sandbox_id} is {state[0]}: only a running one is submitted")
+    conn.execute("INSERT INTO submissions (sandbox_id, by_whom) VALUES (%s, %s)", (sandbox_id, by))
+    return True
+
+
+def finish_submit(conn: psycopg.Connection, sandbox_id: str, report: dict[str, Any]) -> None:
+    conn.execute(
+        "UPDATE submissions SET report = %s WHERE sandbox_id = %s", (Jsonb(report), sandbox_id)
+    )
+
+
+def drop_submit(conn: psycopg.Connection, sandbox_id: str) -> None:
+    """Forget a submit that broke before its report (it may be tried again)."""
+    conn.execute("DELETE FROM submissions WHERE sandbox_id = %s AND report IS NULL", (sandbox_id,))
+
+
+def submit_report(conn: psycopg.Connection, sandbox_id: str) -> tuple[bool, dict[str, Any] | None]:
+    """(claimed, report): whether a submit exists, and its report once it is done."""
+    row = conn.execute(
+        "SELECT report FROM submissions WHERE sandbox_id = %s", (sandbox_id,)
+    ).fetchone()
+    return (row is not None, row[0] if row else None)
+
+
+# --- making them -------------------------------------------------------------------------------
+
+Db = Callable[..., Awaitable[Any]]
+
+
+class Archiver:
+    """Makes, records and expires archives; ``db`` runs a repository function in a
+    transaction (SandboxService.db)."""
+
+    def __init__(self, settings: Settings, db: Db) -> None:
+        self.settings = settings
+        self.folder = settings.archives_path
+        self.db = db
+
+    def path(self, row: ArchiveRow) -> Path:
+        if row.file is None:
+            raise NotFoundError(f"archive {row.id} failed: there is no file")
+        return self.folder / row.file
+
+    async def archive(self, sandbox: SandboxRow, reason: str, spec: Archive) -> ArchiveRow:
+        """Archive the sandbox's workspace, retrying within the bound; the row records the
+        result either way (never raises for the archive itself)."""
+        settings = self.settings
+        deadline = time.monotonic() + settings.archive_timeout
+        workspace = str((sandbox.outputs or {}).get("workspace") or "")
+        name = f"{sandbox.id}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}.tar.gz"
+        dest = self.folder / name
+        packed: Packed | None = None
+        error: str | None = None
+        retried = 0
+        delay = 1.0
+        for attempt in range(1, settings.archive_attempts + 1):
+            part = dest.with_name(dest.name + ".part")
+            try:
+                if not workspace:
+                    raise WorkspaceGone("the sandbox has no workspace container")
+                await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
+                packed = await asyncio.to_thread(
+                    pack, workspace, spec.paths, part, deadline=deadline
+                )
+                await asyncio.to_thread(part.rename, dest)
+                error = None
+                break
+            except WorkspaceGone as exc:
+                error = str(exc)
+                break
+            except Exception as exc:  # Docker, the stream, the disk: tried again, within bounds
+                error = f"{type(exc).__name__}: {exc}"[:1000]
+                log.warning("archive of %s, attempt %d: %s", sandbox.id, attempt, error)
+                packed = None
+                if attempt == settings.archive_attempts or time.monotonic() + delay > deadline:
+                    break
+                retried = attempt
+                await asyncio.sleep(delay)
+                delay *= 2
+            finally:
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+        git = None
+        if packed is not None and packed.repos:
+            git = await asyncio.to_thread(git_summary, workspace, packed.repos)
+        if packed is None and retried:
+            error = f"{error} (after {retried + 1} attempts)"
+        retention = spec.retention or settings.archive_retention
+        try:
+            row: ArchiveRow = await self.db(
+                insert_archive,
+                sandbox=sandbox,
+                reason=reason,
+                retention=retention,
+                file=name if packed else None,
+                packed=packed,
+                git=git,
+                error=error,
+            )
+        except BaseException:
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+            raise
+        return row
+
+    async def prune(self, now: datetime) -> int:
+        """Delete archives past their expiry, rows then files; returns how many."""
+        files: list[str | None] = await self.db(take_expired, now=now)
+        for file in files:
+            if file:
+                try:
+                    await asyncio.to_thread((self.folder / file).unlink, missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not delete expired archive %s: %s", file, exc)
+        return len(files)

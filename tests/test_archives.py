@@ -1,0 +1,191 @@
+"""Workspace archives: an expired sandbox's work (a file and its git diff) is archived before
+its destroy, a submit archives and reports once, an archive that cannot be made does not hold
+the destroy, archives are for API keys only, and expired archives are deleted."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import tarfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import psycopg
+import pytest
+
+from engine.archives import Archiver, take_expired
+from engine.migrate import migrate
+from engine.settings import Settings
+from engine.store import Role, create_client
+from tests.api_server import serve
+from tests.conftest import ROOT
+from tests.provider_helpers import leftovers
+
+TEMPLATES = ROOT / "tests" / "fixtures" / "archive-templates"
+
+
+@pytest.fixture
+def api(database: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An engine on a database of its own; ``reap_interval`` from the test's parameter."""
+    settings = Settings(
+        database_url=database,
+        pulumi_backend_url=f"file://{tmp_path}",
+        templates_dir=TEMPLATES,
+        archives_dir=tmp_path / "archives",
+        reap_interval=request.param,
+    )
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        key = create_client(conn, name="hiring", role=Role.MEMBER)[1]
+    with (
+        serve(settings) as address,
+        httpx.Client(base_url=f"http://{address}", headers={"X-API-Key": key}, timeout=120) as http,
+    ):
+        yield http
+
+
+def _create(http: httpx.Client) -> dict[str, Any]:
+    created = http.post("/api/v1/sandboxes", json={"template": "archived"})
+    assert created.status_code == 202, created.text
+    return _wait(http, created.json()["id"], ("running",))
+
+
+def _wait(http: httpx.Client, sid: str, states: tuple[str, ...]) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = http.get(f"/api/v1/sandboxes/{sid}").json()
+        if body["state"] in states:
+            return body
+        assert body["state"] != "failed", body
+        time.sleep(0.3)
+    raise AssertionError(f"{sid} never reached {states}")
+
+
+def _events(http: httpx.Client, sid: str) -> list[str]:
+    text = http.get(f"/api/v1/sandboxes/{sid}/events").text
+    return [line for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("api", [1], indirect=True)
+def test_an_expired_sandbox_is_archived_with_its_git_diff(
+    api: httpx.Client, docker_client: docker.DockerClient
+) -> None:
+    sandbox = _create(api)
+    sid = sandbox["id"]
+    work = docker_client.containers.get(sandbox["workspace"])
+    done = work.exec_run(
+        ["sh", "-c", "echo 'a change' >> README.md && echo 'my answer' > answer.txt"],
+        user="coder",
+        workdir="/home/coder/workspace",
+    )
+    assert done.exit_code == 0, done.output
+    # A short TTL from now; the reaper (every second) destroys it, archiving first.
+    assert api.post(f"/api/v1/sandboxes/{sid}/extend", json={"ttl": "2s"}).status_code == 200
+    assert _wait(api, sid, ("expired",))["reason"] == "ttl"
+
+    [archive] = api.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+    assert (archive["reason"], archive["error"]) == ("expired", None), archive
+    assert "+a change" in archive["git"] and "+my answer" in archive["git"], archive["git"]
+    assert "answer.txt" in archive["git"]
+    assert "/home/coder/.claude" in archive["notes"]  # the shared credentials: left out, said so
+    got = api.get(archive["download"])
+    assert got.headers["content-type"] == "application/gzip"
+    assert f"sandbox-{sid}-expired-" in got.headers["content-disposition"]
+    assert hashlib.sha256(got.content).hexdigest() == archive["sha256"]
+    assert len(got.content) == archive["bytes"]
+    with tarfile.open(fileobj=io.BytesIO(got.content)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        answer = members["home/coder/workspace/answer.txt"]
+        assert (answer.uid, answer.mode) == (1000, 0o644)
+        body = tar.extractfile(answer)
+        assert body is not None and body.read() == b"my answer\n"
+    assert "home/coder/workspace/.git/HEAD" in members
+    assert not any(n.startswith("home/coder/.claude/") for n in members)
+    assert archive["files"] == sum(m.isreg() for m in members.values())
+    assert any("archived: " in e and "(expired)" in e for e in _events(api, sid))
+    assert leftovers(docker_client, f"sbx-{sid}") == []
+
+
+@pytest.mark.parametrize("api", [0], indirect=True)  # no reaper: no repair of the removed container
+def test_submit_reports_once_and_a_failed_archive_does_not_hold_the_destroy(
+    api: httpx.Client, docker_client: docker.DockerClient
+) -> None:
+    sandbox = _create(api)
+    sid = sandbox["id"]
+    token = api.post(f"/api/v1/sandboxes/{sid}/access-tokens").json()["token"]
+    candidate = httpx.Client(
+        base_url=api.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    )
+    submit = f"/api/v1/access/{token}/submit"
+
+    # Two submits at once (a double click): one archive, the same report twice.
+    with candidate, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: candidate.post(submit), range(2)))
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        report = answers[0].json()
+        assert answers[1].json() == report
+        assert report["destroyed"] is False
+        assert (report["archive"]["reason"], report["archive"]["error"]) == ("submitted", None)
+        assert report["archive"]["files"] >= 1
+        assert candidate.post(submit).json() == report
+
+        # A candidate's token opens neither the list nor a download.
+        for path in (f"/api/v1/sandboxes/{sid}/archives", report["archive"]["download"]):
+            assert candidate.get(path).status_code == 401
+    listed = api.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+    assert [a["id"] for a in listed] == [report["archive"]["id"]]
+    assert len(api.get(report["archive"]["download"]).content) == report["archive"]["bytes"]
+    submitted = [e for e in _events(api, sid) if "submitted by candidate" in e]
+    assert len(submitted) == 1, submitted
+
+    # The workspace removed by hand: its archive fails at once, the destroy goes on.
+    docker_client.containers.get(sandbox["workspace"]).remove(force=True)
+    started = time.monotonic()
+    assert api.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
+    _wait(api, sid, ("destroyed",))
+    took = time.monotonic() - started
+    failed = api.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"][-1]
+    assert failed["reason"] == "deleted" and "is gone" in failed["error"], failed
+    assert failed["download"] is None
+    assert api.get(f"/api/v1/sandboxes/{sid}/archives/{failed['id']}").status_code == 404
+    assert any("archive failed: " in e for e in _events(api, sid))
+    assert leftovers(docker_client, f"sbx-{sid}") == []
+    print(f"destroy with a failed archive: {took:.1f} s")
+
+
+def test_expired_archives_are_taken_with_their_files(database: str, tmp_path: Path) -> None:
+    migrate(database)
+    now = datetime.now(UTC)
+    folder = tmp_path / "archives"
+    folder.mkdir()
+    with psycopg.connect(database, autocommit=True) as conn:
+        for name, file, expires in (
+            ("old", "old.tar.gz", now - timedelta(minutes=1)),
+            ("failed", None, now - timedelta(days=1)),
+            ("fresh", "fresh.tar.gz", now + timedelta(minutes=1)),
+        ):
+            if file:
+                (folder / file).write_bytes(b"x")
+            conn.execute(
+                "INSERT INTO archives (sandbox_id, reason, file, error, expires_at)"
+                " VALUES (%s, 'expired', %s, %s, %s)",
+                (name, file, None if file else "gone", expires),
+            )
+
+    async def db(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(database) as conn:
+            return fn(conn, *args, **kwargs)
+
+    settings = Settings(database_url=database, archives_dir=folder)
+    assert asyncio.run(Archiver(settings, db).prune(now)) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["fresh.tar.gz"]
+    with psycopg.connect(database) as conn:
+        assert [r[0] for r in conn.execute("SELECT sandbox_id FROM archives")] == ["fresh"]
+        assert take_expired(conn, now=now + timedelta(hours=1)) == ["fresh.tar.gz"]
