@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import openapi, problems, redact, terminal
 from api.failures import AuthFailures
-from api.routes import access, archives, keys, ops, sandboxes, templates
+from api.routes import access, archives, keys, ops, recordings, sandboxes, templates
 from engine import tokens
 from engine.migrate import migrate
 from engine.reaper import Reaper
@@ -149,6 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
         keys.router,
         access.router,
         archives.router,
+        recordings.router,
         terminal.router,
     ):
         app.include_router(router)

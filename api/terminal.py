@@ -3,8 +3,13 @@
 Binary frames carry terminal bytes both ways; a text frame ``{"type": "resize", "cols": C,
 "rows": R}`` resizes. The shell lives in tmux session ``main``: a dropped connection
 reconnects to the same shell with its scrollback, and several viewers can attach at once.
-Close codes: 4401 unauthorized, 4404 no such sandbox, 4409 not running, 4429 too many
-authentication failures from the address (api/failures.py).
+With ``?mode=watch`` (a member's or an admin's key, never a candidate's token) the client
+attaches read-only: it sees the session, its input frames are dropped, and its size never
+changes the candidate's window. Every other session of a sandbox whose template records is
+recorded (engine/recordings.py); each writes ``terminal`` events (connected, disconnected, idle
+periods). Close codes: 4401 unauthorized, 4403 a candidate's token asked to watch, 4404 no such
+sandbox, 4409 not running, 4429 too many authentication failures from the address
+(api/failures.py).
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ import asyncio
 import contextlib
 import json
 import socket
-from typing import Any
+from typing import Any, Literal
 
 import docker
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.deps import TooManyFailures, Unauthorized, check_failures, count_failure, key_client
+from api.sessions import Session
 from engine import store, tokens
 from engine.errors import NotFoundError
+from engine.recordings import Viewer
 from engine.service import SandboxService
 
 router = APIRouter(tags=["terminal"])
-CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_NOT_RUNNING = 4401, 4404, 4409
+CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_NOT_RUNNING = 4401, 4403, 4404, 4409
 CLOSE_TOO_MANY_FAILURES = 4429
 CLOSE_TOO_BIG = 1009  # RFC 6455: a message too big to process
 # The largest frame taken from a client: a paste is kilobytes. The server (engine/cli.py
@@ -32,19 +39,31 @@ CLOSE_TOO_BIG = 1009  # RFC 6455: a message too big to process
 MAX_FRAME = 64 * 1024
 MAX_SIZE = 1000  # columns or rows a resize may set; larger ones are ignored
 # Attach to (or start) the session; the newest client's size wins, so a resize applies at once.
-# The shell prints its pid first (then becomes the tmux client): when the connection ends, that
-# client is sent SIGHUP — Docker leaves an exec running when its stream closes, and a client
-# left attached keeps costing tmux rendering work and a share of the sandbox's process limit.
+# Passthrough lets the workspace's `submit` command reach the engine through tmux (the sequence
+# arrives unwrapped on the output stream). The shell prints its pid first (then becomes the tmux
+# client): when the connection ends, that client is sent SIGHUP — Docker leaves an exec running
+# when its stream closes, and a client left attached keeps costing tmux rendering work and a
+# share of the sandbox's process limit.
 TMUX = [
     "sh",
     "-c",
-    'echo "$$"; exec tmux new-session -A -s main \\; set-option -g window-size latest',
+    'echo "$$"; exec tmux new-session -A -s main \\; set-option -g window-size latest'
+    " \\; set-option -g allow-passthrough on",
+]
+# A watcher: the same session (started if there is none yet), attached read-only and with
+# ignore-size, so its size never sets the window's.
+WATCH = [
+    "sh",
+    "-c",
+    'echo "$$"; tmux new-session -d -s main 2>/dev/null;'
+    " exec tmux attach-session -t main -f read-only,ignore-size"
+    " \\; set-option -g window-size latest \\; set-option -g allow-passthrough on",
 ]
 
 
 async def _authorize(
     ws: WebSocket, service: SandboxService, sandbox_id: str, token: str | None
-) -> store.SandboxRow | None:
+) -> tuple[store.SandboxRow, Viewer] | None:
     try:
         if token and token.startswith(tokens.PREFIX):
             check_failures(ws)
@@ -55,7 +74,8 @@ async def _authorize(
             row: store.SandboxRow | None = await service.db(store.get_sandbox, sandbox_id)
             if row is None:
                 await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
-            return row
+                return None
+            return row, Viewer("candidate", "candidate")
         key = token or ws.headers.get("x-api-key") or ws.headers.get("authorization", "")[7:]
         client = await key_client(ws, key)
     except TooManyFailures as exc:
@@ -65,19 +85,26 @@ async def _authorize(
         await ws.close(CLOSE_UNAUTHORIZED, "a valid API key or access token is required")
         return None
     try:
-        return await service.get(client, sandbox_id)
+        return await service.get(client, sandbox_id), Viewer(client.role, client.name)
     except NotFoundError:
         await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
         return None
 
 
 @router.websocket("/api/v1/ws/terminal/{sandbox_id}")
-async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> None:
+async def terminal(
+    ws: WebSocket, sandbox_id: str, token: str | None = None, mode: Literal["watch"] | None = None
+) -> None:
     service: SandboxService = ws.app.state.service
     # Accept first: a refusal is then a close with a code the client can read, not a bare 403.
     await ws.accept()
-    row = await _authorize(ws, service, sandbox_id, token)
-    if row is None:
+    authorized = await _authorize(ws, service, sandbox_id, token)
+    if authorized is None:
+        return
+    row, viewer = authorized
+    watch = mode == "watch"
+    if watch and viewer.role == "candidate":
+        await ws.close(CLOSE_FORBIDDEN, "a candidate's link cannot watch")
         return
     workspace = (row.outputs or {}).get("workspace")
     if row.state != "running" or not workspace:
@@ -87,18 +114,23 @@ async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> 
     user, workdir = template.workspace.user, template.workspace.workdir
     client = docker.from_env(timeout=30)
     try:
-        exec_id, sock = await asyncio.to_thread(start_exec, client, str(workspace), user, workdir)
+        exec_id, sock = await asyncio.to_thread(
+            start_exec, client, str(workspace), user, workdir, WATCH if watch else TMUX
+        )
     except docker.errors.APIError as exc:
         await ws.close(CLOSE_NOT_RUNNING, f"the workspace is not running: {exc.explanation}"[:120])
         client.close()
         return
     pid = ""
+    session = Session(service, row, viewer, template.recording, watch=watch)
     try:
+        await session.open()
         sock.setblocking(False)
         pid, rest = await _read_pid(sock)
         if rest:
+            session.output(rest)
             await ws.send_bytes(rest)
-        await _bridge(ws, client, exec_id, sock)
+        await _bridge(ws, client, exec_id, sock, session)
     except (OSError, WebSocketDisconnect):
         pass
     finally:
@@ -108,15 +140,20 @@ async def terminal(ws: WebSocket, sandbox_id: str, token: str | None = None) -> 
         if pid:
             await asyncio.to_thread(_hang_up, client, str(workspace), user, pid)
         client.close()
+        await session.close()
 
 
 def start_exec(
-    client: docker.DockerClient, container: str, user: str, workdir: str
+    client: docker.DockerClient,
+    container: str,
+    user: str,
+    workdir: str,
+    command: list[str] = TMUX,
 ) -> tuple[str, socket.socket]:
     api = client.api
     exec_id: str = api.exec_create(
         container,
-        TMUX,
+        command,
         stdin=True,
         tty=True,
         user=user,
@@ -152,10 +189,10 @@ def _hang_up(client: docker.DockerClient, container: str, user: str, pid: str) -
 
 
 async def _bridge(
-    ws: WebSocket, client: docker.DockerClient, exec_id: str, sock: socket.socket
+    ws: WebSocket, client: docker.DockerClient, exec_id: str, sock: socket.socket, session: Session
 ) -> None:
     """Two pumps over the exec's socket, on the event loop itself (no thread per read or
-    write); when either side ends, the other is stopped."""
+    write); when either side ends, the other is stopped. A watcher's input is dropped."""
     loop = asyncio.get_running_loop()
 
     async def from_shell() -> None:
@@ -164,6 +201,7 @@ async def _bridge(
             if not data:
                 await ws.close(1000, "the shell ended")
                 return
+            session.output(data)
             await ws.send_bytes(data)
 
     async def to_shell() -> None:
@@ -175,9 +213,11 @@ async def _bridge(
                 await ws.close(CLOSE_TOO_BIG, f"frames are limited to {MAX_FRAME} bytes")
                 return
             if message.get("bytes"):
-                await loop.sock_sendall(sock, message["bytes"])
+                if not session.watch:
+                    session.input(message["bytes"])
+                    await loop.sock_sendall(sock, message["bytes"])
             elif message.get("text"):
-                await _control(client, exec_id, sock, message["text"])
+                await _control(client, exec_id, sock, message["text"], session)
 
     tasks = [asyncio.create_task(from_shell()), asyncio.create_task(to_shell())]
     try:
@@ -189,12 +229,14 @@ async def _bridge(
 
 
 async def _control(
-    client: docker.DockerClient, exec_id: str, sock: socket.socket, text: str
+    client: docker.DockerClient, exec_id: str, sock: socket.socket, text: str, session: Session
 ) -> None:
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):  # "[[[[…" nests past the parser's stack
-        await asyncio.get_running_loop().sock_sendall(sock, text.encode())  # typed input
+        if not session.watch:  # typed input
+            session.input(text.encode())
+            await asyncio.get_running_loop().sock_sendall(sock, text.encode())
         return
     if isinstance(message, dict) and message.get("type") == "resize":
         cols, rows = message.get("cols"), message.get("rows")
@@ -204,4 +246,6 @@ async def _control(
             and 0 < cols <= MAX_SIZE
             and 0 < rows <= MAX_SIZE
         ):
+            # A watcher's resize sizes its own client only (attached with ignore-size).
+            session.resize(cols, rows)
             await asyncio.to_thread(client.api.exec_resize, exec_id, height=rows, width=cols)

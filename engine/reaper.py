@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from engine import store
+from engine import recordings, store
 from engine.service import SandboxService
 from engine.store import DestroyReason, SandboxRow
 
@@ -103,6 +103,16 @@ class Reaper:
         )
         if pruned:
             log.info("pruned %d sandboxes past the retention period", pruned)
+        # Recordings outlive their sandbox's row: they go after a retention of their own.
+        await self._step(
+            "old recordings",
+            self.service.db(
+                recordings.prune,
+                root=settings.recordings_path,
+                now=now,
+                retention=settings.recording_retention,
+            ),
+        )
         await self._step("expired archives", self.service.archiver.prune(now))
         return [row.id for row in claimed]
 

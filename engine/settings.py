@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     edge_host: str = "127.0.0.1"
     edge_port: int = Field(default=8088, ge=1, le=65535)
     edge_ping_port: int = Field(default=8089, ge=1, le=65535)
+    # Folder of terminal session recordings (asciicast files); default <state dir>/recordings.
+    recordings_dir: Path | None = None
+    # How long a recording is kept after its session ended (seconds or ISO 8601, e.g. P30D).
+    recording_retention: timedelta = Field(default=timedelta(days=30), ge=timedelta(hours=1))
+    # Seconds without input or output after which a terminal session counts as idle.
+    idle_after: float = Field(default=300, ge=0.5, le=86400)
     # Folder of workspace archives (made before a destroy and on submit); default
     # <state dir>/archives.
     archives_dir: Path | None = None
@@ -137,6 +143,10 @@ class Settings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir or self.project_dir / ".state"
+
+    @property
+    def recordings_path(self) -> Path:
+        return self.recordings_dir or self.state_path / "recordings"
 
     @property
     def archives_path(self) -> Path:

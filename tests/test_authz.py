@@ -19,6 +19,7 @@ from api.app import create_app
 from api.failures import AuthFailures
 from engine import tokens
 from engine.migrate import migrate
+from engine.recordings import recording_path
 from engine.settings import Settings
 from engine.stacks import remove_labelled
 from engine.store import Role, create_client
@@ -66,6 +67,15 @@ MATRIX: dict[tuple[str, str], tuple[str, tuple[int | str, ...]]] = {
     ),
     ("GET", "/api/v1/sandboxes/{sandbox_id}/timeline"): (
         "/api/v1/sandboxes/{sid}/timeline",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
+    # A candidate's token is not a key: it opens no recording, not even its sandbox's.
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/recordings"): (
+        "/api/v1/sandboxes/{sid}/recordings",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/recordings/{recording_id}"): (
+        "/api/v1/sandboxes/{sid}/recordings/{recording}",
         (401, 200, 404, 200, 401, 401, 401),
     ),
     # Archives are for keys only; a submit by the owner, an admin, or the sandbox's own token
@@ -150,6 +160,7 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         max_live_sandboxes_per_key=1,
         auth_failures_per_minute=100_000,  # the matrix fails on purpose, many times
         reap_interval=0,  # the recorded-only sandboxes below have nothing for a reaper to see
+        recordings_dir=tmp_path_factory.mktemp("recordings"),
     )
     migrate(module_database)
     with psycopg.connect(module_database, autocommit=True) as conn:
@@ -179,6 +190,13 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                         " VALUES (%s, %s, 'backend-go', %s, %s)",
                         (sandbox_id, clients[owner][0].id, state, expires),
                     )
+                # A recording of alice's sandbox (its file, and its row).
+                recording = "0123456789abcdef"
+                conn.execute(
+                    "INSERT INTO recordings (id, sandbox_id, owner_id, role, client, width,"
+                    " height, has_input) VALUES (%s, %s, %s, 'member', 'alice', 80, 24, false)",
+                    (recording, sid, clients["alice"][0].id),
+                )
                 # An archive of alice's sandbox (its file, and its row).
                 archive = f"{sid}-authz.tar.gz"
                 (archive_id,) = conn.execute(
@@ -188,6 +206,9 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 ).fetchone()
             settings.archives_path.mkdir(parents=True, exist_ok=True)
             (settings.archives_path / archive).write_bytes(b"")
+            cast = recording_path(settings.recordings_path, sid, recording)
+            cast.parent.mkdir(parents=True)
+            cast.write_text('{"version": 2, "width": 80, "height": 24}\n')
             secret = tokens.secret_key(settings)
             credentials = {
                 "anon": "",
@@ -202,6 +223,7 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                     "sid": sid,
                     "gone": "gone000001",
                     "spare": clients["spare"][0].id,
+                    "recording": recording,
                     "archive": archive_id,
                 },
             }

@@ -39,9 +39,22 @@ export type CandidateView = {
   expires_at: string;
   endpoints: Endpoint[];
   terminal: string;
+  recorded: boolean;
 };
 export type SandboxEvent = { id: number; kind: string; message: string; at: string };
 export type TimelineEntry = { at: string; what: string; detail: string };
+export type Recording = {
+  id: string;
+  role: "candidate" | "member" | "admin";
+  client: string;
+  started_at: string;
+  ended_at: string | null;
+  width: number;
+  height: number;
+  bytes: number;
+  has_input: boolean;
+  download: string;
+};
 
 export class ApiError extends Error {
   constructor(
@@ -94,6 +107,14 @@ export class Api {
     });
   destroy = (id: string) => this.call<Sandbox>(`/api/v1/sandboxes/${id}`, { method: "DELETE" });
   timeline = (id: string) => this.call<TimelineEntry[]>(`/api/v1/sandboxes/${id}/timeline`);
+  recordings = (id: string) =>
+    this.call<{ items: Recording[] }>(`/api/v1/sandboxes/${id}/recordings`).then((b) => b.items);
+  // A recording's asciicast text (the player parses it).
+  recordingText = async (download: string) => {
+    const response = await fetch(download, { headers: { "X-API-Key": this.key } });
+    if (!response.ok) throw await problemOf(response);
+    return response.text();
+  };
   accessToken = (id: string) =>
     this.call<{ token: string; url: string; expires_at: string }>(
       `/api/v1/sandboxes/${id}/access-tokens`,

@@ -1,6 +1,8 @@
 import { useEffect, useState } from "react";
 import { CandidateView, candidate } from "../api";
 import { ExpiryBanner } from "./ExpiryBanner";
+import { RecordedNotice } from "./RecordedNotice";
+import { SubmitButton } from "./SubmitButton";
 import { Terminal } from "./Terminal";
 
 // The candidate's page (/s/<token>): that one sandbox's terminal, nothing else.
@@ -25,6 +27,7 @@ export function Candidate({ token }: { token: string }) {
   return (
     <main className="candidate">
       <ExpiryBanner until={view.expires_at} state={view.state} />
+      {view.recorded && <RecordedNotice />}
       {view.endpoints.some((e) => e.public && e.url) && (
         <p className="published">
           Published:{" "}
@@ -37,6 +40,7 @@ export function Candidate({ token }: { token: string }) {
             ))}
         </p>
       )}
+      {view.state === "running" && <SubmitButton token={token} />}
       {view.state === "running" ? (
         <Terminal path={view.terminal} />
       ) : (

@@ -1,8 +1,11 @@
 import { useEffect, useState } from "react";
 import { Api, Sandbox } from "../api";
+import { Archives } from "./Archives";
 import { ExpiryBanner } from "./ExpiryBanner";
 import { Terminal } from "./Terminal";
 import { Timeline } from "./Timeline";
+import { Recordings } from "./Recordings";
+import { WatchLive } from "./WatchLive";
 
 export function SandboxPage({ api, id }: { api: Api; id: string }) {
   const [sandbox, setSandbox] = useState<Sandbox | null>(null);
@@ -45,6 +48,9 @@ export function SandboxPage({ api, id }: { api: Api; id: string }) {
       {sandbox.state === "running" && <Terminal path={`/api/v1/ws/terminal/${id}?token=${encodeURIComponent(api.key)}`} />}
       {sandbox.state === "failed" && <p className="error">{sandbox.error}</p>}
       <Timeline api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
+      <Archives api={api} id={id} live={!["destroyed", "expired"].includes(sandbox.state)} />
+      {sandbox.state === "running" && <WatchLive api={api} id={id} />}
+      <Recordings api={api} id={id} />
     </main>
   );
 }

@@ -6,6 +6,7 @@ import { Terminal as XTerm } from "@xterm/xterm";
 // Close codes the server ends a terminal with; these are final, anything else reconnects.
 const FINAL: Record<number, string> = {
   4401: "not allowed: the key or link is not valid",
+  4403: "not allowed: a candidate's link cannot watch",
   4404: "no such sandbox",
   4409: "the sandbox is not running",
 };
@@ -16,13 +17,15 @@ export function backoff(attempt: number): number {
 
 // A terminal on the sandbox's shell (tmux session "main"): fills its box, follows resizes,
 // reconnects to the same shell after a network drop, Ctrl+Shift+C copies the selection.
-export function Terminal({ path }: { path: string }) {
+// readOnly: nothing typed is sent (a watcher; the server drops a watcher's input anyway).
+export function Terminal({ path, readOnly = false }: { path: string; readOnly?: boolean }) {
   const box = useRef<HTMLDivElement>(null);
   const [status, setStatus] = useState("connecting…");
 
   useEffect(() => {
     const term = new XTerm({
-      cursorBlink: true,
+      cursorBlink: !readOnly,
+      disableStdin: readOnly,
       fontFamily: "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace",
       fontSize: 14,
       theme: window.matchMedia("(prefers-color-scheme: light)").matches
@@ -67,7 +70,7 @@ export function Terminal({ path }: { path: string }) {
         attempt = 0;
         setStatus("connected");
         refit();
-        term.focus();
+        if (!readOnly) term.focus();
       };
       ws.onmessage = (m) => {
         term.write(typeof m.data === "string" ? m.data : new Uint8Array(m.data as ArrayBuffer));
@@ -84,7 +87,7 @@ export function Terminal({ path }: { path: string }) {
       };
     };
     const input = term.onData((data) => {
-      if (ws?.readyState === WebSocket.OPEN) ws.send(encoder.encode(data));
+      if (!readOnly && ws?.readyState === WebSocket.OPEN) ws.send(encoder.encode(data));
     });
     const observer = new ResizeObserver(() => refit());
     observer.observe(box.current!);
@@ -99,7 +102,7 @@ export function Terminal({ path }: { path: string }) {
       ws?.close();
       term.dispose();
     };
-  }, [path]);
+  }, [path, readOnly]);
 
   return (
     <div className="terminal-wrap">
