@@ -43,6 +43,21 @@ export type CandidateView = {
 };
 export type SandboxEvent = { id: number; kind: string; message: string; at: string };
 export type TimelineEntry = { at: string; what: string; detail: string };
+export type Archive = {
+  id: number;
+  sandbox_id: string;
+  reason: "expired" | "deleted" | "submitted";
+  created_at: string;
+  expires_at: string;
+  bytes: number;
+  files: number;
+  sha256: string | null;
+  git: string | null;
+  notes: string | null;
+  error: string | null;
+  download: string | null;
+};
+export type SubmitReport = { archive: Archive; destroyed: boolean };
 export type Recording = {
   id: string;
   role: "candidate" | "member" | "admin";
@@ -107,6 +122,14 @@ export class Api {
     });
   destroy = (id: string) => this.call<Sandbox>(`/api/v1/sandboxes/${id}`, { method: "DELETE" });
   timeline = (id: string) => this.call<TimelineEntry[]>(`/api/v1/sandboxes/${id}/timeline`);
+  archives = (id: string) =>
+    this.call<{ items: Archive[] }>(`/api/v1/sandboxes/${id}/archives`).then((b) => b.items);
+  // An archive's .tar.gz (the download needs the key, so a plain link cannot fetch it).
+  archiveBlob = async (download: string) => {
+    const response = await fetch(download, { headers: { "X-API-Key": this.key } });
+    if (!response.ok) throw await problemOf(response);
+    return response.blob();
+  };
   recordings = (id: string) =>
     this.call<{ items: Recording[] }>(`/api/v1/sandboxes/${id}/recordings`).then((b) => b.items);
   // A recording's asciicast text (the player parses it).
@@ -171,6 +194,15 @@ export function parseEvent(block: string): SandboxEvent | null {
 
 export async function candidate(token: string): Promise<CandidateView> {
   const response = await fetch(`/api/v1/access/${encodeURIComponent(token)}`);
+  if (!response.ok) throw await problemOf(response);
+  return response.json();
+}
+
+// The candidate hands the work in (once: a second call answers the first report).
+export async function submitCandidate(token: string): Promise<SubmitReport> {
+  const response = await fetch(`/api/v1/access/${encodeURIComponent(token)}/submit`, {
+    method: "POST",
+  });
   if (!response.ok) throw await problemOf(response);
   return response.json();
 }
