@@ -3,7 +3,6 @@ import { CandidateView, candidate } from "../api";
 import { ExpiryBanner } from "./ExpiryBanner";
 import { RecordedNotice } from "./RecordedNotice";
 import { SubmitButton } from "./SubmitButton";
-import { SubmitButton } from "./SubmitButton";
 import { Terminal } from "./Terminal";
 
 // The candidate's page (/s/<token>): that one sandbox's terminal, nothing else.
@@ -41,7 +40,6 @@ export function Candidate({ token }: { token: string }) {
             ))}
         </p>
       )}
-      {view.state === "running" && <SubmitButton token={token} />}
       {view.state === "running" && <SubmitButton token={token} />}
       {view.state === "running" ? (
         <Terminal path={view.terminal} />

@@ -1,7 +1,6 @@
 import { useEffect, useState } from "react";
 import { Api, Sandbox } from "../api";
 import { Archives } from "./Archives";
-import { Archives } from "./Archives";
 import { ExpiryBanner } from "./ExpiryBanner";
 import { Terminal } from "./Terminal";
 import { Timeline } from "./Timeline";
@@ -49,7 +48,6 @@ export function SandboxPage({ api, id }: { api: Api; id: string }) {
       {sandbox.state === "running" && <Terminal path={`/api/v1/ws/terminal/${id}?token=${encodeURIComponent(api.key)}`} />}
       {sandbox.state === "failed" && <p className="error">{sandbox.error}</p>}
       <Timeline api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
-      <Archives api={api} id={id} live={!["destroyed", "expired"].includes(sandbox.state)} />
       <Archives api={api} id={id} live={!["destroyed", "expired"].includes(sandbox.state)} />
       {sandbox.state === "running" && <WatchLive api={api} id={id} />}
       <Recordings api={api} id={id} />
