@@ -124,9 +124,9 @@ async def terminal(
     pid = ""
     session = Session(service, row, viewer, template.recording, watch=watch)
     try:
-        await session.open()
         sock.setblocking(False)
-        pid, rest = await _read_pid(sock)
+        pid, rest = await _read_pid(sock)  # first: with the pid known, the client is hung up
+        await session.open()
         if rest:
             session.output(rest)
             await ws.send_bytes(rest)
