@@ -30,10 +30,18 @@ start=$SECONDS
 rm -rf "$stage"
 mkdir -p "$stage/bin" "$stage/wheels/deps" "$stage/wheels/app"
 cp -L .toolchain/bin/* "$stage/bin/"
-log "wheels of the engine and its dependencies"
-.venv/bin/pip wheel --quiet --disable-pip-version-check --wheel-dir "$stage/wheels/deps" .
-# The engine's own wheel apart: the dependencies' image layer stays cached between builds.
-mv "$stage"/wheels/deps/sandbox_engine-*.whl "$stage/wheels/app/"
+# The dependencies' wheels are kept per pyproject.toml (building them takes most of a minute);
+# the engine's own wheel apart, so the dependencies' image layer stays cached between builds.
+deps=${SANDBOX_CACHE_DIR:-$HOME/.cache/sandbox-engine}/wheels/$(sha256sum pyproject.toml | cut -c1-16)
+if [[ ! -d $deps ]]; then
+	log "wheels of the engine's dependencies"
+	.venv/bin/pip wheel --quiet --disable-pip-version-check --wheel-dir "$deps.tmp" .
+	rm -f "$deps".tmp/sandbox_engine-*.whl
+	mv "$deps.tmp" "$deps"
+fi
+cp "$deps"/*.whl "$stage/wheels/deps/"
+log "the engine's wheel"
+.venv/bin/pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$stage/wheels/app" .
 export DOCKER_BUILDKIT=0 # this dockerd has no BuildKit builder; the classic one is enough
 build() { # image, dockerfile, context: the build's output goes to a log, shown on failure
 	local out="$stage/build-${1%%:*}.log"

@@ -26,7 +26,7 @@ from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import serve
 
-EXAMPLES = 40  # per operation and key: about 1,500 requests in all
+EXAMPLES = 20  # per operation and key: about 900 requests in all
 STATS: Counter[str] = Counter()
 
 
