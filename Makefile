@@ -54,8 +54,8 @@ edge: venv toolchain services ## start the local Traefik (API at api.<domain>, s
 run: setup images edge web ## set up, then run the service (behind the local Traefik) in the foreground
 	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} $(BIN)/sandbox-engine serve
 
-# Three workers on two cores: the tests mostly wait on dockerd and Pulumi (5.5 min; two: 8 min).
-TEST_WORKERS ?= 3
+# Four workers on two cores: the tests mostly wait on dockerd and Pulumi (6 min; three: 7.5).
+TEST_WORKERS ?= 4
 
 test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests (test-slow included)
 	cd web && npm test --silent
