@@ -63,7 +63,7 @@ test: setup images edge web lint ## set up, build what changed, lint, then run t
 	$(MAKE) --no-print-directory test-slow
 
 test-slow: setup images edge ## the tests that need the machine to themselves (attacks, dockerd and PostgreSQL restarts), one at a time
-	$(BIN)/python -m pytest -m slow -p no:xdist
+	$(BIN)/python -m pytest -m slow -p no:xdist -rP  # -rP: their figures, printed, stay in the log
 
 bench: setup images edge ## benchmarks against raw Docker (QUICK=1 for a short run); results in .bench/
 	QUICK=$(QUICK) $(BIN)/python -m tests.bench.run
