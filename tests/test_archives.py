@@ -19,12 +19,13 @@ import docker
 import httpx
 import psycopg
 import pytest
+import websockets
 
 from engine.archives import Archiver, take_expired
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
-from tests.api_server import serve
+from tests.api_server import Terminal, serve
 from tests.conftest import ROOT
 from tests.provider_helpers import leftovers
 
@@ -189,3 +190,28 @@ def test_expired_archives_are_taken_with_their_files(database: str, tmp_path: Pa
     with psycopg.connect(database) as conn:
         assert [r[0] for r in conn.execute("SELECT sandbox_id FROM archives")] == ["fresh"]
         assert take_expired(conn, now=now + timedelta(hours=1)) == ["fresh.tar.gz"]
+
+
+@pytest.mark.parametrize("api", [0], indirect=True)
+def test_submit_typed_in_the_shell_archives_and_tells_the_terminal(api: httpx.Client) -> None:
+    """The whole path: the image's `submit` command, its escape sequence through tmux, the
+    terminal bridge, the service's submit, the line on the candidate's terminal."""
+    sid = _create(api)["id"]
+    token = api.post(f"/api/v1/sandboxes/{sid}/access-tokens").json()["token"]
+    url = f"ws://{api.base_url.host}:{api.base_url.port}/api/v1/ws/terminal/{sid}?token={token}"
+
+    async def type_submit() -> None:
+        async with websockets.connect(url) as ws:
+            term = Terminal(ws)
+            await term.type("submit\r")
+            await term.expect("Submitting")
+            await term.expect("Submitted: ", within=60)
+
+    try:
+        asyncio.run(type_submit())
+        archives = api.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+        assert [(a["reason"], a["error"]) for a in archives] == [("submitted", None)], archives
+        assert any("submitted by shell" in e for e in _events(api, sid))
+    finally:
+        api.delete(f"/api/v1/sandboxes/{sid}")
+        _wait(api, sid, ("destroyed",))
