@@ -58,8 +58,12 @@ run: setup images edge web ## set up, then run the service (behind the local Tra
 TEST_WORKERS ?= 4
 
 test: setup images edge web lint ## set up, build what changed, lint, then run the UI's unit tests and the tests (test-slow included)
-	cd web && npm test --silent
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	@# The UI's unit tests run beside the first pytest phase; their output follows it.
+	@mkdir -p .state; (cd web && npm test --silent) >.state/vitest.log 2>&1 & ui=$$!; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"; rc=$$?; \
+	wait $$ui; ui_rc=$$?; cat .state/vitest.log; \
+	[ $$ui_rc -eq 0 ] || echo "the UI's unit tests failed (web/, npm test)"; \
+	[ $$rc -eq 0 ] && [ $$ui_rc -eq 0 ]
 	$(MAKE) --no-print-directory test-slow
 
 test-slow: setup images edge ## the tests that need the machine to themselves (attacks, dockerd and PostgreSQL restarts), one at a time

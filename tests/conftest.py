@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,4 +140,12 @@ def _throwaway_database(settings: Settings, db_conn: psycopg.Connection) -> Iter
         conn.execute(f"CREATE DATABASE {name}")
     yield urlsplit(admin)._replace(path=f"/{name}").geturl()
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        # FORCE may not end an autovacuum worker for a role that is no superuser: wait it out.
+        for attempt in range(20):
+            try:
+                conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+                break
+            except psycopg.errors.InsufficientPrivilege:
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)

@@ -1,7 +1,8 @@
 """Faults of the machine under the engine: dockerd restarted while sandboxes run, PostgreSQL
 restarted under load, the engine killed in a burst of creates, the state backend's disk full.
 
-They restart shared services, so they run alone (``make test-slow``). The engine runs as its
+The first three restart shared services or load the machine, so they run alone
+(``make test-slow``); the full disk is a tmpfs of the test's own. The engine runs as its
 own process (tests/test_recovery.py's ``Engine``), as in production. Figures are printed
 (``-s``) and reported in docs/security.md.
 """
@@ -26,8 +27,6 @@ from engine.spec import L_ROLE, L_SANDBOX
 from engine.stacks import engine_objects, remove_labelled
 from tests.conftest import ROOT
 from tests.test_recovery import Engine, prepare
-
-pytestmark = pytest.mark.slow
 
 LIVE = str(ROOT / "tests" / "fixtures" / "live-templates")
 
@@ -90,6 +89,7 @@ def _dockerd_pids() -> list[int]:
     return [int(p) for p in found.stdout.split()]
 
 
+@pytest.mark.slow
 def test_dockerd_restart_while_sandboxes_run(
     engine: Any, database: str, docker_client: docker.DockerClient
 ) -> None:
@@ -163,6 +163,7 @@ def _postgres(action: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_postgres_restart_under_load(
     engine: Any, database: str, docker_client: docker.DockerClient
 ) -> None:
@@ -193,7 +194,7 @@ def test_postgres_restart_under_load(
                     log.append((time.monotonic(), "create", answer.status_code))
                     if answer.status_code == 202:
                         accepted.append(answer.json()["id"])
-                    time.sleep(1.0)
+                    time.sleep(2.0)
 
         threads = [threading.Thread(target=load), threading.Thread(target=creates)]
         for t in threads:
@@ -234,6 +235,7 @@ def test_postgres_restart_under_load(
             _wait(http, sid, ("destroyed",))
 
 
+@pytest.mark.slow
 def test_engine_killed_during_a_burst_of_creates(
     engine: Any, database: str, docker_client: docker.DockerClient
 ) -> None:

@@ -234,7 +234,7 @@ def _p99(values: list[float]) -> float:
 def _stats(container: Any, key: str) -> dict[str, Any]:
     """One section of the container's stats (Docker leaves it out now and then under load)."""
     for _ in range(10):
-        section = container.stats(stream=False).get(key)
+        section = container.stats(stream=False, one_shot=True).get(key)
         if section:
             return dict(section)
     raise AssertionError(f"docker stats had no {key}")
