@@ -124,7 +124,7 @@ def test_dockerd_restart_while_sandboxes_run(
         survived = after.attrs["State"]["StartedAt"] == started
         processes = after.top()["Processes"] if after.status == "running" else []
         kept = after.exec_run(["cat", "/home/coder/proof.txt"])
-        time.sleep(4)  # four reaper passes, each with a drift check
+        time.sleep(3)  # three reaper passes, each with a drift check
         body = http.get(f"/api/v1/sandboxes/{sid}").json()
         with psycopg.connect(database) as conn:
             events = [
@@ -199,7 +199,7 @@ def test_postgres_restart_under_load(
         threads = [threading.Thread(target=load), threading.Thread(target=creates)]
         for t in threads:
             t.start()
-        time.sleep(2)
+        time.sleep(1)
         t_stop = time.monotonic()
         _postgres("stop")
         time.sleep(DB_WAIT + 2)  # longer than a request waits for a connection: 503s are due
@@ -242,7 +242,7 @@ def test_engine_killed_during_a_burst_of_creates(
     process, key, backend = engine
     with _client(process, key) as http:
         ids = [
-            http.post("/api/v1/sandboxes", json={"template": "web"}).json()["id"] for _ in range(6)
+            http.post("/api/v1/sandboxes", json={"template": "web"}).json()["id"] for _ in range(5)
         ]
         # Some are done, some mid-way, some still queued for a stack thread.
         deadline = time.monotonic() + 120
