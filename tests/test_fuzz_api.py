@@ -9,20 +9,19 @@ fuzzer tries, so the admin does not revoke its own key.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import pkgutil
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import hypothesis
 import psycopg
 import pytest
 import schemathesis
-
-# Imported here, before any server thread runs: schemathesis loads these lazily, through
-# pytest's assertion rewriting, and CPython 3.11.7 can fail compiling in two threads at once
-# ("AST constructor recursion depth mismatch").
-import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -30,6 +29,21 @@ from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import serve
+
+
+def _import_all(package: Any) -> None:
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if ".extra." not in module.name and ".tests" not in module.name:
+            with contextlib.suppress(Exception):  # optional dependencies not installed
+                importlib.import_module(module.name)
+
+
+# Everything of schemathesis and hypothesis is imported now, before any server thread runs:
+# they load modules lazily, through pytest's assertion rewriting (both are pytest plugins),
+# and CPython 3.11.7 can fail parsing in two threads at once ("AST constructor recursion depth
+# mismatch").
+_import_all(schemathesis)
+_import_all(hypothesis)
 
 EXAMPLES = 20  # per operation and key: about 1,800 requests in all (coverage cases included)
 STATS: Counter[str] = Counter()
