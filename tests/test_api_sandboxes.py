@@ -148,8 +148,9 @@ def test_lifecycle_over_http_sse_and_websocket(
             return len(out.output.decode().splitlines()) if out.exit_code == 0 else 0
 
         asyncio.run(terminal())
-        # Every closed connection's tmux client is gone with it (none is left attached).
-        deadline = time.monotonic() + 10
+        # Every closed connection's tmux client is gone with it (none is left attached). The
+        # hang-up is a docker exec of its own: on a loaded 2-core machine it can take seconds.
+        deadline = time.monotonic() + 30
         while tmux_clients() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert tmux_clients() == 0
