@@ -44,9 +44,9 @@ def cli_env(settings: Settings, backend_url: str) -> dict[str, str]:
 
 
 def leftovers(client: docker.DockerClient, prefix: str) -> list[str]:
-    found = [
-        f"container {c.name}" for c in client.containers.list(all=True) if c.name.startswith(prefix)
-    ]
+    # One list call, no inspect per container: another test's container may go in between.
+    names = [n.lstrip("/") for c in client.api.containers(all=True) for n in c["Names"] or ()]
+    found = [f"container {name}" for name in names if name.startswith(prefix)]
     found += [f"network {n.name}" for n in client.networks.list() if n.name.startswith(prefix)]
     found += [f"volume {v.name}" for v in client.volumes.list() if v.name.startswith(prefix)]
     return found
