@@ -94,14 +94,14 @@ def running_sandbox(address: str, key: str, template: str = "backend-go") -> Ite
         assert created.status_code == 202, created.text
         sandbox_id = created.json()["id"]
         try:
-            _wait(http, sandbox_id, "running")
+            wait_for_state(http, sandbox_id, "running")
             yield sandbox_id
         finally:
             http.delete(f"/api/v1/sandboxes/{sandbox_id}")
-            _wait(http, sandbox_id, "destroyed")
+            wait_for_state(http, sandbox_id, "destroyed")
 
 
-def _wait(http: httpx.Client, sandbox_id: str, state: str, timeout: float = 180) -> None:
+def wait_for_state(http: httpx.Client, sandbox_id: str, state: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = http.get(f"/api/v1/sandboxes/{sandbox_id}").json()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from engine import firewall
 from engine.spec import L_ROLE, L_SANDBOX
+from tests.api_server import wait_for_state
 from tests.test_recovery import Engine, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,17 +61,6 @@ def _workspace(client: docker.DockerClient, sandbox_id: str) -> Any:
     return found[0]
 
 
-def _wait(http: httpx.Client, sandbox_id: str, state: str) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        body = http.get(f"/api/v1/sandboxes/{sandbox_id}").json()
-        if body["state"] == state:
-            return
-        assert body["state"] != "failed", body
-        time.sleep(0.3)
-    raise AssertionError(f"{sandbox_id} never reached {state}")
-
-
 def make_lab(
     module_database: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -106,14 +95,14 @@ def make_lab(
                     assert made.status_code == 202, made.text
                     ids.append(made.json()["id"])
                 for sid in ids:
-                    _wait(http, sid, "running")
+                    wait_for_state(http, sid, "running")
                 a, b = (_workspace(docker_client, sid) for sid in ids)
                 yield Lab(http, engine.port, listener_port, a, b, ids)
             finally:
                 for sid in ids:
                     http.delete(f"/api/v1/sandboxes/{sid}")
                 for sid in ids:
-                    _wait(http, sid, "destroyed")
+                    wait_for_state(http, sid, "destroyed")
     finally:
         engine.stop()
         server.close()
