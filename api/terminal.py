@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import docker
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -40,25 +41,42 @@ MAX_FRAME = 64 * 1024
 MAX_SIZE = 1000  # columns or rows a resize may set; larger ones are ignored
 # Attach to (or start) the session; the newest client's size wins, so a resize applies at once.
 # Passthrough lets the workspace's `submit` command reach the engine through tmux (the sequence
-# arrives unwrapped on the output stream). The shell prints its pid first (then becomes the tmux
-# client): when the connection ends, that client is sent SIGHUP — Docker leaves an exec running
-# when its stream closes, and a client left attached keeps costing tmux rendering work and a
-# share of the sandbox's process limit.
+# arrives unwrapped on the output stream). Before tmux, a handshake (start_exec): the shell
+# prints its pid, which then becomes the tmux client's; when the connection ends, that client
+# is sent SIGHUP — Docker leaves an exec running when its stream closes, and a client left
+# attached keeps costing tmux rendering work and a share of the sandbox's process limit.
+# The shell waits for a line from the engine before printing the pid (output that arrives
+# with Docker's HTTP upgrade answer is swallowed by the HTTP client's buffer) and for another
+# once the engine has it before starting tmux (tmux flushes the terminal's untransmitted
+# output as it attaches). A handshake left unanswered ends the shell after 60 s.
+_HANDSHAKE = 'read -r -t 60 _ && echo "$$" && read -r -t 60 _ && '
 TMUX = [
-    "sh",
+    "bash",
     "-c",
-    'echo "$$"; exec tmux new-session -A -s main \\; set-option -g window-size latest'
+    _HANDSHAKE + "exec tmux new-session -A -s main \\; set-option -g window-size latest"
     " \\; set-option -g allow-passthrough on",
 ]
 # A watcher: the same session (started if there is none yet), attached read-only and with
 # ignore-size, so its size never sets the window's.
 WATCH = [
-    "sh",
+    "bash",
     "-c",
-    'echo "$$"; tmux new-session -d -s main 2>/dev/null;'
+    _HANDSHAKE + "{ tmux new-session -d -s main 2>/dev/null;"
     " exec tmux attach-session -t main -f read-only,ignore-size"
-    " \\; set-option -g window-size latest \\; set-option -g allow-passthrough on",
+    " \\; set-option -g window-size latest \\; set-option -g allow-passthrough on; }",
 ]
+HANDSHAKE_TIMEOUT = 30  # seconds the engine waits for the shell's pid
+_LOG = logging.getLogger(__name__)
+
+
+class Exec(NamedTuple):
+    """A started terminal exec: its id, its stream, the pid of its tmux client in the
+    container ("" when the handshake failed) and the output that followed the pid."""
+
+    id: str
+    sock: socket.socket
+    pid: str
+    rest: bytes
 
 
 async def _authorize(
@@ -114,18 +132,23 @@ async def terminal(
     user, workdir = template.workspace.user, template.workspace.workdir
     client = docker.from_env(timeout=30)
     try:
-        exec_id, sock = await asyncio.to_thread(
+        started = await asyncio.to_thread(
             start_exec, client, str(workspace), user, workdir, WATCH if watch else TMUX
         )
     except docker.errors.APIError as exc:
         await ws.close(CLOSE_NOT_RUNNING, f"the workspace is not running: {exc.explanation}"[:120])
         client.close()
         return
-    pid = ""
+    exec_id, sock, pid, rest = started
+    if not pid:  # the tmux client could not be hung up later: it is not started
+        _LOG.warning("terminal of %s: no pid from the shell; closed", sandbox_id)
+        sock.close()
+        client.close()
+        await ws.close(CLOSE_NOT_RUNNING, "the workspace's shell did not start")
+        return
     session = Session(service, row, viewer, template.recording, watch=watch)
     try:
         sock.setblocking(False)
-        pid, rest = await _read_pid(sock)  # first: with the pid known, the client is hung up
         await session.open()
         if rest:
             session.output(rest)
@@ -137,8 +160,7 @@ async def terminal(
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
-        if pid:
-            await asyncio.to_thread(_hang_up, client, str(workspace), user, pid)
+        await asyncio.to_thread(_hang_up, client, str(workspace), user, pid)
         client.close()
         await session.close()
 
@@ -149,7 +171,9 @@ def start_exec(
     user: str,
     workdir: str,
     command: list[str] = TMUX,
-) -> tuple[str, socket.socket]:
+) -> Exec:
+    """Start ``command`` (TMUX or WATCH) with a TTY and go through its handshake: blocking,
+    for a worker thread."""
     api = client.api
     exec_id: str = api.exec_create(
         container,
@@ -162,30 +186,41 @@ def start_exec(
     )["Id"]
     raw = api.exec_start(exec_id, tty=True, socket=True)
     sock: socket.socket = getattr(raw, "_sock", raw)
-    return exec_id, sock
+    pid, rest = "", b""
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.sendall(b"\n")  # Docker's answer is read: the shell may print its pid
+        pid, rest = _read_pid(sock)
+        if pid:
+            sock.sendall(b"\n")  # the pid is here: tmux may start
+    except OSError as exc:  # a timeout included
+        _LOG.info("terminal handshake in %s failed: %s", container[:12], exc)
+    return Exec(exec_id, sock, pid, rest)
 
 
-async def _read_pid(sock: socket.socket) -> tuple[str, bytes]:
-    """The first line the exec prints: the pid of its tmux client (in the container). Returns
-    it and whatever came after it."""
-    loop = asyncio.get_running_loop()
+def _read_pid(sock: socket.socket) -> tuple[str, bytes]:
+    """The first line the shell prints after the terminal's echo of the engine's newline: its
+    pid. Returns it ("" if the line is not one) and whatever came after it."""
     data = b""
-    while b"\n" not in data and len(data) < 64:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 64), timeout=30)
+    while True:
+        line, newline, rest = data.lstrip(b"\r\n").partition(b"\n")
+        if newline or len(data) >= 64:
+            pid = line.strip().decode(errors="replace")
+            return (pid if newline and pid.isdigit() else ""), rest if newline else data
+        chunk = sock.recv(64)
         if not chunk:
-            break
+            return "", data
         data += chunk
-    line, _, rest = data.partition(b"\n")
-    pid = line.strip().decode(errors="replace")
-    return (pid if pid.isdigit() else ""), rest
 
 
 def _hang_up(client: docker.DockerClient, container: str, user: str, pid: str) -> None:
     """Best effort: end this connection's tmux client (the session and its shell live on).
     As the workspace's user: with every capability dropped, only it may signal its own."""
-    with contextlib.suppress(docker.errors.DockerException):
+    try:
         exec_id = client.api.exec_create(container, ["kill", "-HUP", pid], user=user)["Id"]
         client.api.exec_start(exec_id)
+    except Exception as exc:  # a gone container, a stopped dockerd, a timeout: nothing to end
+        _LOG.info("terminal client %s in %s not hung up: %s", pid, container[:12], exc)
 
 
 async def _bridge(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -337,3 +338,52 @@ def test_redaction_is_pure() -> None:
 
     assert redact('"WebSocket /ws/x?token=sek_abc&y=1"') == '"WebSocket /ws/x?token=***&y=1"'
     assert redact("key sat_abc.123.sig used") == "key sat_*** used"
+
+
+def test_every_closed_terminal_is_hung_up(
+    api: dict[str, Any], alice_sandbox: dict, docker_client: docker.DockerClient
+) -> None:
+    """Rounds of two overlapping connections (a terminal and a watcher or a second terminal),
+    closed at once: each one's tmux client must be ended. Its pid comes from the shell's
+    handshake, which tmux's flush of untransmitted output as it attaches could once swallow
+    on a loaded machine (the client then stayed attached)."""
+    workspace = docker_client.containers.get(alice_sandbox["workspace"])
+    base = f"ws://{api['address']}/api/v1/ws/terminal/{alice_sandbox['id']}"
+    url = f"{base}?token={api['keys']['alice']}"
+
+    def tmux_clients() -> int:
+        out = workspace.exec_run(["tmux", "list-clients"], user="coder")
+        return len(out.output.decode().splitlines()) if out.exit_code == 0 else 0
+
+    async def rounds() -> None:
+        for n in range(10):
+            second = f"{url}&mode=watch" if n % 2 else url
+            async with websockets.connect(url) as ws, websockets.connect(second) as other:
+                t, viewer = Terminal(ws), Terminal(other)
+                await t.type(f"echo round-$((1000+{n}))\r")
+                await t.expect(f"round-{1000 + n}")
+                await viewer.expect(f"round-{1000 + n}")
+
+    asyncio.run(rounds())
+    deadline = time.monotonic() + 30  # each hang-up is a docker exec of its own
+    while tmux_clients() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tmux_clients() == 0
+
+
+def test_the_handshake_reads_the_pid_after_the_echo() -> None:
+    from api.terminal import _read_pid
+
+    def read(*chunks: bytes) -> tuple[str, bytes]:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            for chunk in chunks:
+                theirs.sendall(chunk)
+            theirs.shutdown(socket.SHUT_WR)
+            return _read_pid(ours)
+
+    assert read(b"\r\n", b"4242\r", b"\n\r\n") == ("4242", b"\r\n")
+    assert read(b"\r\n17\r\n") == ("17", b"")
+    assert read(b"\r\nbash: no such thing\r\n") == ("", b"")
+    assert read(b"\r\n") == ("", b"\r\n")  # the shell ended before printing it
+    assert read(b"\x1b[?1049h" * 10)[0] == ""  # no line within 64 bytes

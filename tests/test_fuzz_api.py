@@ -9,16 +9,12 @@ fuzzer tries, so the admin does not revoke its own key.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import pkgutil
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import hypothesis
 import psycopg
 import pytest
 import schemathesis
@@ -28,22 +24,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
-from tests.api_server import serve
-
-
-def _import_all(package: Any) -> None:
-    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        if ".extra." not in module.name and ".tests" not in module.name:
-            with contextlib.suppress(Exception):  # optional dependencies not installed
-                importlib.import_module(module.name)
-
-
-# Everything of schemathesis and hypothesis is imported now, before any server thread runs:
-# they load modules lazily, through pytest's assertion rewriting (both are pytest plugins),
-# and CPython 3.11.7 can fail parsing in two threads at once ("AST constructor recursion depth
-# mismatch").
-_import_all(schemathesis)
-_import_all(hypothesis)
+from tests.api_server import serve_process
 
 EXAMPLES = 20  # per operation and key: about 1,800 requests in all (coverage cases included)
 STATS: Counter[str] = Counter()
@@ -72,7 +53,10 @@ def fuzzed(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> It
                 (f"fuzz{name[:6]:0<6}", client.id, expires),
             )
     started = time.monotonic()
-    with serve(config) as address:
+    # The server runs in a process of its own: hypothesis and schemathesis parse Python source
+    # in this one as they go (lazy imports through pytest's assertion rewriting, lambdas'
+    # descriptions), and CPython 3.11.7 fails when two threads of a process parse at once.
+    with serve_process(config, state / "api.log") as address:
         yield {"address": address, "keys": keys}
     print(
         f"\nfuzz: {STATS['requests']} requests ({STATS['5xx']} 5xx) in"

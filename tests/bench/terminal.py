@@ -115,7 +115,7 @@ class ExecChannel:
 
     def __init__(self, client: docker.DockerClient, container: str, user: str, workdir: str):
         self.api = client.api
-        self.exec_id, self.sock = start_exec(client, container, user, workdir)
+        self.exec_id, self.sock, _, _ = start_exec(client, container, user, workdir)
         self.received = self.chunks = 0
 
     def send(self, data: bytes) -> None:
