@@ -308,6 +308,14 @@ def list_archives(
         return cur.fetchall()
 
 
+def has_archive(conn: psycopg.Connection, sandbox_id: str, reason: str) -> bool:
+    """Whether the sandbox already has an archive (made or failed) for ``reason``."""
+    found = conn.execute(
+        "SELECT 1 FROM archives WHERE sandbox_id = %s AND reason = %s LIMIT 1", (sandbox_id, reason)
+    ).fetchone()
+    return found is not None
+
+
 def take_expired(conn: psycopg.Connection, *, now: datetime, limit: int = 500) -> list[str | None]:
     """Delete up to ``limit`` archives past their expiry; returns their file names (None for
     failed archives). Rows another transaction holds are skipped (several reapers)."""

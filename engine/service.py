@@ -344,7 +344,8 @@ class SandboxService:
         Only sandboxes whose worker is dead are touched (``engine.workers``): a create or
         destroy another live process is running is left alone. Policy: an interrupted create
         or repair is failed and cleaned (its stack torn down, anything labelled with it
-        removed); an interrupted destroy is finished. Either way nothing of the sandbox is
+        removed); an interrupted destroy is finished, archiving first if it was killed before
+        its archive was made. Either way nothing of the sandbox is
         left behind. Returns the sandbox ids settled.
         """
 
@@ -366,6 +367,12 @@ class SandboxService:
             await self._event(
                 row.id, "progress", f"recovering: its engine process died ({row.state})"
             )
+            if row.state == "destroying" and row.reason is not None:
+                # Killed before its archive was made: made now, while the workspace may
+                # still be there (a failed one is recorded otherwise).
+                why = archives.REASONS.get(row.reason)  # type: ignore[call-overload]
+                if why and not await self.db(archives.has_archive, row.id, why):
+                    await self._archive_before_destroy(row.id, DestroyReason(row.reason))
             try:
                 await self._stack_op(self.stacks.recover, row.id)
             except Exception as exc:

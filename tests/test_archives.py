@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
+import shutil
 import tarfile
 import time
 from collections.abc import Iterator
@@ -159,6 +161,32 @@ def test_submit_reports_once_and_a_failed_archive_does_not_hold_the_destroy(
     assert any("archive failed: " in e for e in _events(api, sid))
     assert leftovers(docker_client, f"sbx-{sid}") == []
     print(f"destroy with a failed archive: {took:.1f} s")
+
+
+@pytest.mark.parametrize("api", [0], indirect=True)
+def test_a_transient_archive_failure_is_retried(
+    api: httpx.Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The archives folder cannot be made while a file holds its name (as a full or failing
+    disk would refuse it): the first attempt fails; the obstacle goes; a later attempt makes
+    the archive, and the destroy goes on."""
+    sandbox = _create(api)
+    sid = sandbox["id"]
+    folder = tmp_path / "archives"  # the api fixture's archives_dir
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.write_text("in the way")
+    caplog.set_level(logging.WARNING, logger="sandbox_engine.archives")
+    assert api.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
+    deadline = time.monotonic() + 120
+    while not any(f"archive of {sid}, attempt 1" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the first attempt never failed"
+        time.sleep(0.02)
+    folder.unlink()  # within the 1 s before the next attempt
+    _wait(api, sid, ("destroyed",))
+    [archive] = api.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+    assert (archive["reason"], archive["error"]) == ("deleted", None), archive
+    assert archive["files"] >= 1
+    assert len(api.get(archive["download"]).content) == archive["bytes"]
 
 
 def test_expired_archives_are_taken_with_their_files(database: str, tmp_path: Path) -> None:

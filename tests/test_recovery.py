@@ -1,13 +1,16 @@
 """kill -9 of the engine in the middle of a create and of a destroy: after a restart, each
-sandbox ends settled and nothing of it is left in Docker or the Pulumi backend."""
+sandbox ends settled (an interrupted destroy archived once) and nothing of it is left in Docker
+or the Pulumi backend."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +87,12 @@ def prepare(database: str, tmp_path: Path, **settings: str) -> tuple[str, str, d
 
 @pytest.fixture
 def engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    key, backend, env = prepare(database, tmp_path, SANDBOX_REAP_INTERVAL="0")
+    key, backend, env = prepare(
+        database,
+        tmp_path,
+        SANDBOX_REAP_INTERVAL="0",
+        SANDBOX_ARCHIVES_DIR=str(tmp_path / "archives"),
+    )
     process = Engine(env, tmp_path / "engine.log")
     yield {"engine": process, "key": key, "backend": backend}
     process.stop()
@@ -156,6 +164,42 @@ def test_kill_during_create_and_during_destroy(
     with _http(proc, engine["key"]) as http:
         body = http.get(f"/api/v1/sandboxes/{sid}").json()
         assert body["state"] == "destroyed", body
+        # Its archive was made before the kill, and is not made again.
+        archives = http.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+        assert [a["reason"] for a in archives] == ["deleted"], archives
+    _nothing_left(docker_client, settings, sid)
+
+    # 3. Killed after a delete was taken but before its archive was made: the sandbox is left
+    # `destroying` with no archive (the row set as such a crash leaves it). The recovery
+    # archives the workspace, then finishes the destroy.
+    with _http(proc, engine["key"]) as http:
+        sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
+        deadline = time.monotonic() + 180
+        while (body := http.get(f"/api/v1/sandboxes/{sid}").json())["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    made = docker_client.containers.get(body["workspace"]).exec_run(
+        ["sh", "-c", "echo 'my answer' > /home/coder/answer.txt"], user="coder"
+    )
+    assert made.exit_code == 0, made.output
+    proc.kill9()
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE sandboxes SET state = 'destroying', reason = 'request' WHERE id = %s", (sid,)
+        )
+    proc.start()
+    with _http(proc, engine["key"]) as http:
+        deadline = time.monotonic() + 180
+        while (body := http.get(f"/api/v1/sandboxes/{sid}").json())["state"] == "destroying":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert body["state"] == "destroyed", body
+        [archive] = http.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+        assert (archive["reason"], archive["error"]) == ("deleted", None), archive
+        got = http.get(archive["download"])
+        with tarfile.open(fileobj=io.BytesIO(got.content)) as tar:
+            answer = tar.extractfile("home/coder/answer.txt")
+            assert answer is not None and answer.read() == b"my answer\n"
     _nothing_left(docker_client, settings, sid)
 
 
