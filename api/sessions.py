@@ -21,6 +21,10 @@ from engine.templates import Recording
 log = logging.getLogger("sandbox_engine.terminal")
 
 
+class RecordingUnavailable(Exception):
+    """The session must be recorded and its recording cannot be written."""
+
+
 class Session:
     """One terminal connection. A watcher's is not recorded and never submits."""
 
@@ -52,9 +56,12 @@ class Session:
             )
         self._tail = b""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._opened = False
 
     async def open(self) -> None:
-        """Start the recording (file and row) and write the ``connected`` event."""
+        """Start the recording (file and row) and write the ``connected`` event. Raises
+        RecordingUnavailable when the recording's file cannot be made (the session must not
+        go on unrecorded)."""
         recorder = self.recorder
 
         def begin(conn: psycopg.Connection) -> None:
@@ -71,8 +78,12 @@ class Session:
             store.add_event(conn, self.row.id, "terminal", message)
 
         if recorder is not None:
-            recorder.start()
+            try:
+                recorder.start()
+            except OSError as exc:
+                raise RecordingUnavailable(f"{recorder.path}: {exc.strerror or exc}") from exc
         await self.service.db(begin)
+        self._opened = True
 
     def output(self, data: bytes) -> None:
         now = time.time()
@@ -100,6 +111,8 @@ class Session:
         recorder, size = self.recorder, 0
         if recorder is not None:
             size = await recorder.close(now)
+        if not self._opened:  # refused as it opened: nothing was recorded of it
+            return
         idle = self.activity.closing(now)
 
         def end(conn: psycopg.Connection) -> None:

@@ -9,7 +9,7 @@ changes the candidate's window. Every other session of a sandbox whose template 
 recorded (engine/recordings.py); each writes ``terminal`` events (connected, disconnected, idle
 periods). Close codes: 4401 unauthorized, 4403 a candidate's token asked to watch, 4404 no such
 sandbox, 4409 not running, 4429 too many authentication failures from the address
-(api/failures.py).
+(api/failures.py), 1011 a recorded session whose recording cannot be written.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import docker
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.deps import TooManyFailures, Unauthorized, check_failures, count_failure, key_client
-from api.sessions import Session
+from api.sessions import RecordingUnavailable, Session
 from engine import store, tokens
 from engine.errors import NotFoundError
 from engine.recordings import Viewer
@@ -35,6 +35,7 @@ router = APIRouter(tags=["terminal"])
 CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_NOT_RUNNING = 4401, 4403, 4404, 4409
 CLOSE_TOO_MANY_FAILURES = 4429
 CLOSE_TOO_BIG = 1009  # RFC 6455: a message too big to process
+CLOSE_INTERNAL = 1011  # RFC 6455: the server cannot go on (a recording that cannot be written)
 # The largest frame taken from a client: a paste is kilobytes. The server (engine/cli.py
 # `serve`) refuses bigger ones before buffering them; this check holds under any server.
 MAX_FRAME = 64 * 1024
@@ -149,7 +150,16 @@ async def terminal(
     session = Session(service, row, viewer, template.recording, watch=watch)
     try:
         sock.setblocking(False)
-        await session.open()
+        try:
+            await session.open()
+        except RecordingUnavailable as exc:  # the operator's problem, said plainly to the user
+            _LOG.error(
+                "terminal of %s refused: its recording cannot be written: %s", sandbox_id, exc
+            )
+            await ws.close(
+                CLOSE_INTERNAL, "this session is recorded and its recording cannot be written"
+            )
+            return
         if rest:
             session.output(rest)
             await ws.send_bytes(rest)

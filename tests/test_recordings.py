@@ -164,6 +164,7 @@ def world(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 "sid": sid,
                 "token": token,
                 "templates": templates,
+                "recordings": settings.recordings_path,
             }
     finally:  # a failed test may have left a sandbox running
         with psycopg.connect(module_database) as conn:
@@ -327,3 +328,36 @@ def test_the_candidate_page_says_the_terminal_is_recorded(world: dict[str, Any])
     with httpx.Client(base_url=f"http://{world['address']}") as http:
         view = http.get(f"/api/v1/access/{world['token']}").json()
     assert view["recorded"] is True
+
+
+def test_a_recording_that_cannot_be_written_refuses_the_terminal_plainly(
+    world: dict[str, Any],
+) -> None:
+    """A recorded template's session does not go on unrecorded: when its file cannot be made
+    (here a file holds the recordings folder's name), the terminal is closed with 1011 and a
+    reason the user can pass on, and its tmux client does not stay attached."""
+    folder: Path = world["recordings"]
+    aside = folder.with_name(folder.name + "-aside")
+    url = f"ws://{world['address']}/api/v1/ws/terminal/{world['sid']}?token={world['token']}"
+
+    async def refused() -> tuple[int, str]:
+        try:
+            async with websockets.connect(url) as ws:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 20)
+        except websockets.ConnectionClosed as exc:
+            assert exc.rcvd is not None
+            return exc.rcvd.code, exc.rcvd.reason
+
+    folder.rename(aside)
+    folder.write_text("in the way")
+    try:
+        code, reason = asyncio.run(refused())
+    finally:
+        folder.unlink()
+        aside.rename(folder)
+    assert (code, reason) == (1011, "this session is recorded and its recording cannot be written")
+    deadline = time.monotonic() + 30
+    while _tmux(world["sid"], "list-clients").strip() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _tmux(world["sid"], "list-clients").strip() == ""

@@ -15,6 +15,13 @@ export function backoff(attempt: number): number {
   return Math.min(10_000, 500 * 2 ** attempt);
 }
 
+// What the status line says when the connection closes and another is tried in `wait` ms;
+// the server's reason is shown when it gave one (e.g. a recording that cannot be written).
+export function retryStatus(reason: string, wait: number): string {
+  const why = reason ? ` (${reason})` : "";
+  return `disconnected${why}; reconnecting in ${Math.round(wait / 1000)} s…`;
+}
+
 // A terminal on the sandbox's shell (tmux session "main"): fills its box, follows resizes,
 // reconnects to the same shell after a network drop, Ctrl+Shift+C copies the selection.
 // readOnly: nothing typed is sent (a watcher; the server drops a watcher's input anyway).
@@ -82,7 +89,7 @@ export function Terminal({ path, readOnly = false }: { path: string; readOnly?: 
           return;
         }
         const wait = backoff(attempt++);
-        setStatus(`disconnected; reconnecting in ${Math.round(wait / 1000)} s…`);
+        setStatus(retryStatus(e.reason, wait));
         retry = window.setTimeout(connect, wait);
       };
     };

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { parseEvent, problemOf } from "../api";
-import { backoff } from "../components/Terminal";
+import { backoff, retryStatus } from "../components/Terminal";
 import { formatLeft, isDuration, urgency } from "../time";
 
 describe("time left", () => {
@@ -62,5 +62,9 @@ describe("problems", () => {
 describe("reconnecting", () => {
   it("backs off exponentially up to ten seconds", () => {
     expect([0, 1, 2, 3, 10].map(backoff)).toEqual([500, 1000, 2000, 4000, 10_000]);
+    expect(retryStatus("", 2000)).toBe("disconnected; reconnecting in 2 s…");
+    expect(retryStatus("this session is recorded and its recording cannot be written", 500)).toBe(
+      "disconnected (this session is recorded and its recording cannot be written); reconnecting in 1 s…",
+    );
   });
 });
