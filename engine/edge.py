@@ -115,7 +115,7 @@ class Edge:
         exe = self.settings.toolchain_path / "traefik"
         if not os.access(exe, os.X_OK):
             raise EdgeError(f"traefik is missing at {exe}; build it with toolchain/build.sh")
-        ensure_edge_network(self.settings.edge_network)
+        ensure_edge_network(self.settings.edge_network, self.settings.edge_subnet)
         self.folder.mkdir(parents=True, exist_ok=True)
         fingerprint = self._fingerprint()
         pidfile = self.folder / "traefik.pid"

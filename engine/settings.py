@@ -6,6 +6,7 @@ started by ``deploy/local/postgres.sh`` and the toolchain linked into ``.toolcha
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -78,6 +79,10 @@ class Settings(BaseSettings):
     listen_port: int = Field(default=8000, ge=1, le=65535)
     # Docker network Traefik reaches published workspaces on (inter-container traffic off).
     edge_network: str = Field(default="sandbox-edge", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    # The edge network's subnet: every live sandbox with a public port holds one address of it
+    # (a /20: 4,094). A private range the host does not route, apart from Docker's address
+    # pools; empty: whatever Docker's default pool gives (a /26 there: 61 sandboxes).
+    edge_subnet: str = "10.212.0.0/20"
     # Traefik entrypoint of sandbox routes, and its certificate resolver (empty: plain HTTP).
     entrypoint: str = Field(default="web", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     tls_resolver: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
@@ -112,6 +117,21 @@ class Settings(BaseSettings):
         if scheme not in {"postgresql", "postgres"}:
             raise ValueError(f"database_url must be a postgresql:// URL, got scheme {scheme!r}")
         return value
+
+    @field_validator("edge_subnet")
+    @classmethod
+    def _edge_subnet(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            network = ipaddress.IPv4Network(value)  # strict: no host bits set
+        except ValueError as exc:
+            raise ValueError(
+                f"edge_subnet must be an IPv4 network like 10.212.0.0/20: {exc}"
+            ) from None
+        if not network.is_private or network.prefixlen > 28:
+            raise ValueError(f"edge_subnet {value} must be a private range of /28 or larger")
+        return str(network)
 
     @field_validator("domain")
     @classmethod

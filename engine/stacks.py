@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -54,6 +55,8 @@ from stacks.program import program
 from stacks.provider.server import PARENT_ENV as PROVIDER_PARENT_ENV
 
 Progress = Callable[[str], None]
+
+log = logging.getLogger("sandbox_engine.stacks")
 
 
 @dataclass(frozen=True)
@@ -349,7 +352,7 @@ class StackManager:
                 if template.claude_auth:
                     self._ensure_shared_volume()
                 if any(e.public for e in template.expose):
-                    ensure_edge_network(self.settings.edge_network)
+                    ensure_edge_network(self.settings.edge_network, self.settings.edge_subnet)
                 self._cli(
                     ["up", "--yes", "--skip-preview", "--stack", name],
                     inline=True,
@@ -555,15 +558,22 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
     return removed
 
 
-def ensure_edge_network(name: str) -> None:
+def ensure_edge_network(name: str, subnet: str = "") -> None:
     """The shared network Traefik reaches published workspaces on; made once, never part of a
     stack. Inter-container communication is off on it: a workspace on it reaches no other
     workspace (Traefik, on the host or in the host's network namespace, reaches them all). Its
-    bridge is named like a sandbox's, so the host firewall covers it too."""
+    bridge is named like a sandbox's, so the host firewall covers it too. ``subnet`` (empty:
+    Docker's pool chooses) bounds how many published sandboxes it holds; an unused network
+    of another subnet is made again, a used one is kept (with a warning) until it is free."""
     options = {
         "com.docker.network.bridge.enable_icc": "false",
         BRIDGE_NAME_OPTION: bridge_name(name),
     }
+    ipam = (
+        docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+        if subnet
+        else None
+    )
     client = docker.from_env(timeout=30)
     try:
         for _ in range(2):
@@ -576,14 +586,28 @@ def ensure_edge_network(name: str) -> None:
                         name,
                         driver="bridge",
                         options=options,
+                        ipam=ipam,
                         labels={L_MANAGED: MANAGED_BY, "io.sandbox-engine.shared": "true"},
                         check_duplicate=True,
                     )
                 network = client.networks.get(name)
             have = network.attrs.get("Options") or {}
-            if all(have.get(k) == v for k, v in options.items()):
+            subnets = [
+                c.get("Subnet") for c in (network.attrs.get("IPAM") or {}).get("Config") or []
+            ]
+            isolated = all(have.get(k) == v for k, v in options.items())
+            if isolated and (not subnet or subnet in subnets):
                 return
             if network.attrs.get("Containers"):
+                if isolated:  # usable, only smaller or elsewhere than asked: kept while in use
+                    log.warning(
+                        "network %s has subnet %s, not %s; it is made again once no sandbox"
+                        " uses it",
+                        name,
+                        ", ".join(map(str, subnets)),
+                        subnet,
+                    )
+                    return
                 raise StackError(
                     f"network {name} exists without {options} and has containers; remove it "
                     "(docker network rm) once they are gone so the engine can make it isolated"
@@ -591,7 +615,7 @@ def ensure_edge_network(name: str) -> None:
             # Made by an older engine or by hand, and unused: make it again the right way.
             with contextlib.suppress(docker.errors.NotFound):
                 network.remove()
-        raise StackError(f"network {name} could not be made with {options}")
+        raise StackError(f"network {name} could not be made with {options} and subnet {subnet}")
     finally:
         client.close()
 

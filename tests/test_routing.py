@@ -4,6 +4,7 @@ sandbox reaches the port directly over Docker's networks."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from engine.edge import Edge, EdgeError
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import remove_labelled
+from engine.stacks import ensure_edge_network, remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import serve
 from tests.conftest import ROOT
@@ -141,3 +142,42 @@ def test_a_published_port_is_routed_by_host_and_only_by_host(
     while http.get(f"/api/v1/sandboxes/{second['id']}").json()["state"] != "destroyed":
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def test_the_edge_network_is_made_with_its_subnet_and_remade_only_when_unused(
+    docker_client: docker.DockerClient,
+) -> None:
+    """Docker's pools give /26s (61 addresses); the edge network holds one address per
+    published sandbox, so the engine makes it with SANDBOX_EDGE_SUBNET. An unused network of
+    the name with another subnet is made again; one in use is kept until it is free."""
+    name, subnet = "sandbox-edge-subnet-test", "10.211.250.0/28"
+
+    def subnets() -> list[str]:
+        config = docker_client.networks.get(name).attrs["IPAM"]["Config"] or []
+        return [c["Subnet"] for c in config]
+
+    def remove() -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.networks.get(name).remove()
+
+    remove()
+    holder = None
+    try:
+        docker_client.networks.create(name, driver="bridge")  # from Docker's pool, not isolated
+        ensure_edge_network(name, subnet)
+        assert subnets() == [subnet]
+        options = docker_client.networks.get(name).attrs["Options"]
+        assert options["com.docker.network.bridge.enable_icc"] == "false"
+
+        ensure_edge_network(name, "10.211.250.16/28")  # unused: made again
+        assert subnets() == ["10.211.250.16/28"]
+
+        holder = docker_client.containers.run(
+            "sandbox-base:bookworm", ["sleep", "60"], network=name, detach=True, remove=True
+        )
+        ensure_edge_network(name, subnet)  # in use: kept as it is
+        assert subnets() == ["10.211.250.16/28"]
+    finally:
+        if holder is not None:
+            holder.remove(force=True)
+        remove()

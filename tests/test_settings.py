@@ -42,6 +42,10 @@ def test_backend_defaults_to_the_engine_database() -> None:
         ("pulumi_state_table", "x; drop table y"),
         ("listen_port", 0),
         ("domain", "Evil.com`)"),
+        ("edge_subnet", "10.212.0.5/20"),  # host bits set
+        ("edge_subnet", "8.8.8.0/24"),  # not a private range
+        ("edge_subnet", "10.212.0.0/30"),  # two addresses
+        ("edge_subnet", "10.212.0.0/20,10.1.0.0/16"),
     ],
 )
 def test_unsafe_settings_fail_fast_naming_the_field(field: str, value: object) -> None:
@@ -53,3 +57,8 @@ def test_unsafe_settings_fail_fast_naming_the_field(field: str, value: object) -
 def test_database_password_is_not_in_repr() -> None:
     s = Settings(database_url="postgresql://u:hunter2@h/db")
     assert "hunter2" not in repr(s)
+
+
+def test_the_edge_subnet_may_be_left_to_docker() -> None:
+    assert Settings(edge_subnet="").edge_subnet == ""
+    assert Settings().edge_subnet == "10.212.0.0/20"
