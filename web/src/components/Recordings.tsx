@@ -12,8 +12,9 @@ export function sessionLength(r: Recording): string {
   return seconds >= 60 ? `${Math.floor(seconds / 60)} min ${seconds % 60} s` : `${seconds} s`;
 }
 
-// The sandbox's recorded terminal sessions (newest first), and a player for the chosen one.
-export function Recordings({ api, id }: { api: Api; id: string }) {
+// The sandbox's recorded terminal sessions (newest first), and a player for the chosen one;
+// the list is polled every 5 s while the sandbox lives (a session's length shows as it ends).
+export function Recordings({ api, id, live = false }: { api: Api; id: string; live?: boolean }) {
   const [items, setItems] = useState<Recording[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [chosen, setChosen] = useState<Recording | null>(null);
@@ -21,18 +22,22 @@ export function Recordings({ api, id }: { api: Api; id: string }) {
 
   useEffect(() => {
     let mounted = true;
-    api.recordings(id).then(
-      (r) => {
-        if (!mounted) return;
-        setItems(r);
-        setError(null);
-      },
-      (err: Error) => mounted && setError(err.message),
-    );
+    const load = () =>
+      api.recordings(id).then(
+        (r) => {
+          if (!mounted) return;
+          setItems(r);
+          setError(null);
+        },
+        (err: Error) => mounted && setError(err.message),
+      );
+    load();
+    const timer = live ? window.setInterval(load, 5000) : undefined;
     return () => {
       mounted = false;
+      window.clearInterval(timer);
     };
-  }, [api, id, asked]);
+  }, [api, id, asked, live]);
 
   return (
     <section className="recordings" aria-label="Recordings">

@@ -50,7 +50,7 @@ export function SandboxPage({ api, id }: { api: Api; id: string }) {
       <Timeline api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
       <Archives api={api} id={id} live={!["destroyed", "expired"].includes(sandbox.state)} />
       {sandbox.state === "running" && <WatchLive api={api} id={id} />}
-      <Recordings api={api} id={id} />
+      <Recordings api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
     </main>
   );
 }

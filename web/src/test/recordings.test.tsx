@@ -42,6 +42,23 @@ describe("Recordings", () => {
     expect(screen.getAllByRole("button", { name: /^Replay / })).toHaveLength(2);
     expect(fetch).toHaveBeenCalledWith("/api/v1/sandboxes/abc123/recordings", expect.anything());
   });
+
+  it("reads the list again every 5 s while the sandbox lives, and not after", async () => {
+    vi.useFakeTimers({ shouldAdvanceTime: true });
+    try {
+      for (const live of [true, false]) {
+        const fetch = vi.fn(async () => new Response(JSON.stringify({ items: [] }), { status: 200 }));
+        vi.stubGlobal("fetch", fetch);
+        const { unmount } = render(<Recordings api={new Api("sek_x")} id="abc123" live={live} />);
+        await screen.findByText("No recorded sessions yet.");
+        await vi.advanceTimersByTimeAsync(11_000);
+        expect(fetch).toHaveBeenCalledTimes(live ? 3 : 1);
+        unmount();
+      }
+    } finally {
+      vi.useRealTimers();
+    }
+  });
 });
 
 describe("Candidate", () => {
