@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV) >&2
 	@echo "[venv] installing the package and its dev tools into $(VENV)" >&2
 	@# uv resolves and installs from its cache in seconds (pip: over a minute); pip if it fails.
-	@# Bytecode is compiled ahead, as pip does: an import then parses no source, which CPython
-	@# 3.11.7 can get wrong in two threads at once (a test's server thread and the test).
+	@# Bytecode is compiled ahead, as pip does: imports then parse no source.
 	@$(BIN)/pip install -q --disable-pip-version-check 'uv>=0.5,<1' >&2 \
 		&& $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev]' >&2 \
 		|| $(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' >&2

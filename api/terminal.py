@@ -49,7 +49,8 @@ MAX_SIZE = 1000  # columns or rows a resize may set; larger ones are ignored
 # The shell waits for a line from the engine before printing the pid (output that arrives
 # with Docker's HTTP upgrade answer is swallowed by the HTTP client's buffer) and for another
 # once the engine has it before starting tmux (tmux flushes the terminal's untransmitted
-# output as it attaches). A handshake left unanswered ends the shell after 60 s.
+# output as it attaches); the engine then waits for tmux's first output before it passes on
+# what the user types. A handshake left unanswered ends the shell after 60 s.
 _HANDSHAKE = 'read -r -t 60 _ && echo "$$" && read -r -t 60 _ && '
 TMUX = [
     "bash",
@@ -203,6 +204,13 @@ def start_exec(
         pid, rest = _read_pid(sock)
         if pid:
             sock.sendall(b"\n")  # the pid is here: tmux may start
+            # Its first output (escape sequences) comes once it has set the terminal up: what
+            # the user types from then on reaches tmux, none of it the shell before it.
+            while b"\x1b" not in rest and len(rest) < 4096:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                rest += chunk
     except OSError as exc:  # a timeout included
         _LOG.info("terminal handshake in %s failed: %s", container[:12], exc)
     return Exec(exec_id, sock, pid, rest)

@@ -8,6 +8,7 @@ is an event of the sandbox.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -75,6 +76,32 @@ class CreateRequest:
     env: dict[str, str] | None = None
     metadata: dict[str, str] | None = None
     idempotency_key: str | None = None
+
+
+class _Emitter:
+    """Events a worker thread emits (progress lines, a task's output), written in the order
+    they were emitted: each waits for the one before it, without holding up the thread."""
+
+    def __init__(
+        self, service: SandboxService, sandbox_id: str, kind: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._service, self._sandbox_id, self._kind, self._loop = service, sandbox_id, kind, loop
+        self._last: concurrent.futures.Future[None] | None = None
+
+    def __call__(self, line: str) -> None:
+        self._last = asyncio.run_coroutine_threadsafe(self._write(self._last, line), self._loop)
+
+    async def _write(self, before: concurrent.futures.Future[None] | None, line: str) -> None:
+        if before is not None:
+            with contextlib.suppress(Exception):  # one lost line does not stop the rest
+                await asyncio.wrap_future(before)
+        await self._service._event(self._sandbox_id, self._kind, line)
+
+    async def written(self) -> None:
+        """Wait until every line emitted so far is written (or failed to be)."""
+        if self._last is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(self._last)
 
 
 class SandboxService:
@@ -650,13 +677,8 @@ class SandboxService:
         if self._jobs:
             await asyncio.wait(self._jobs)
 
-    def _progress(self, sandbox_id: str, kind: str = "progress") -> Any:
-        loop = asyncio.get_running_loop()
-
-        def emit(line: str) -> None:
-            asyncio.run_coroutine_threadsafe(self._event(sandbox_id, kind, line), loop)
-
-        return emit
+    def _progress(self, sandbox_id: str, kind: str = "progress") -> _Emitter:
+        return _Emitter(self, sandbox_id, kind, asyncio.get_running_loop())
 
     async def _event(self, sandbox_id: str, kind: str, message: str) -> None:
         await self.db(store.add_event, sandbox_id, kind, message)
@@ -705,14 +727,16 @@ class SandboxService:
             return
         if template.task is not None:
             # Seeded before the sandbox is offered (a pool sandbox is claimed ready to work).
+            seeding = self._progress(row.id, "task")
             try:
                 await asyncio.to_thread(
                     tasks.seed,
                     template,
                     self.settings.templates_path,
                     str(outputs["workspace"]),
-                    self._progress(row.id, "task"),
+                    seeding,
                 )
+                await seeding.written()  # its last line is in the events before `running`
             except Exception as exc:
                 log.warning("sandbox %s: task seeding failed: %s", row.id, exc)
                 try:

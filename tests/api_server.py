@@ -59,9 +59,7 @@ def serve(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
 def serve_process(settings: Settings, log: Path) -> Iterator[str]:
     """``sandbox-engine serve`` in a process of its own, configured with ``settings`` through
     its SANDBOX_* environment; yields the address to call it on. For a test whose client side
-    parses Python source while the server works (hypothesis, schemathesis): CPython 3.11.7's
-    parser state is shared by the threads of one process ("AST constructor recursion depth
-    mismatch" when two parse at once)."""
+    is busy itself (a fuzzer): the two do not share an interpreter lock."""
     env = dict(os.environ)
     for name in settings.model_fields_set:
         value = getattr(settings, name)

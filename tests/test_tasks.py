@@ -4,12 +4,13 @@ init that fails fails the create and leaves nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import docker
 import httpx
@@ -19,6 +20,7 @@ import yaml
 
 from engine.errors import TemplateError
 from engine.migrate import migrate
+from engine.service import _Emitter
 from engine.settings import Settings
 from engine.spec import L_ROLE, L_SANDBOX
 from engine.store import Role, create_client
@@ -150,3 +152,28 @@ def test_an_init_that_fails_fails_the_create_and_leaves_nothing(
     assert "about to fail" in _events(database, sid, "task")
     assert not docker_client.containers.list(all=True, filters={"label": f"{L_SANDBOX}={sid}"})
     assert not docker_client.volumes.list(filters={"label": f"{L_SANDBOX}={sid}"})
+
+
+def test_a_threads_lines_are_written_in_the_order_emitted() -> None:
+    """A task's output lines come from a worker thread; each is written by its own coroutine on
+    the event loop. However long a write takes, the events keep the lines' order (the sink
+    stands in for the database)."""
+    written: list[str] = []
+
+    class Sink:
+        async def _event(self, sandbox_id: str, kind: str, line: str) -> None:
+            await asyncio.sleep(0.005 if int(line) % 3 == 0 else 0)  # some writes are slower
+            written.append(line)
+
+    async def main() -> None:
+        emit = _Emitter(cast(Any, Sink()), "sbx1", "task", asyncio.get_running_loop())
+
+        def produce() -> None:
+            for n in range(60):
+                emit(str(n))
+
+        await asyncio.to_thread(produce)
+        await emit.written()
+
+    asyncio.run(main())
+    assert written == [str(n) for n in range(60)]
