@@ -152,6 +152,7 @@ def check_edge(settings: Settings) -> Check:
     import docker
 
     from engine.edge import Edge
+    from engine.stacks import network_subnets
 
     edge = Edge(settings)
     if not edge.healthy():
@@ -184,19 +185,19 @@ def check_edge(settings: Settings) -> Check:
             f"network {settings.edge_network} {wrong}",
             f"docker network rm {settings.edge_network} && make edge",
         )
-    subnets = [c.get("Subnet") for c in (network.attrs.get("IPAM") or {}).get("Config") or []]
+    subnets = network_subnets(network.attrs)
     if settings.edge_subnet and settings.edge_subnet not in subnets:
         return Check(
             "edge (traefik)",
             False,
-            f"network {settings.edge_network} is {', '.join(map(str, subnets))}, not"
+            f"network {settings.edge_network} is {', '.join(subnets)}, not"
             f" {settings.edge_subnet} (SANDBOX_EDGE_SUBNET): it holds fewer sandboxes",
             f"once no sandbox uses it: docker network rm {settings.edge_network} && make edge",
         )
     return Check(
         "edge (traefik)",
         True,
-        f"{edge.url}, network {settings.edge_network} isolated, {', '.join(map(str, subnets))}",
+        f"{edge.url}, network {settings.edge_network} isolated, {', '.join(subnets)}",
     )
 
 

@@ -558,6 +558,11 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
     return removed
 
 
+def network_subnets(attrs: dict[str, Any]) -> list[str]:
+    """The subnets of a Docker network, from its inspect attributes."""
+    return [str(c.get("Subnet")) for c in (attrs.get("IPAM") or {}).get("Config") or []]
+
+
 def ensure_edge_network(name: str, subnet: str = "") -> None:
     """The shared network Traefik reaches published workspaces on; made once, never part of a
     stack. Inter-container communication is off on it: a workspace on it reaches no other
@@ -592,9 +597,7 @@ def ensure_edge_network(name: str, subnet: str = "") -> None:
                     )
                 network = client.networks.get(name)
             have = network.attrs.get("Options") or {}
-            subnets = [
-                c.get("Subnet") for c in (network.attrs.get("IPAM") or {}).get("Config") or []
-            ]
+            subnets = network_subnets(network.attrs)
             isolated = all(have.get(k) == v for k, v in options.items())
             if isolated and (not subnet or subnet in subnets):
                 return
@@ -604,7 +607,7 @@ def ensure_edge_network(name: str, subnet: str = "") -> None:
                         "network %s has subnet %s, not %s; it is made again once no sandbox"
                         " uses it",
                         name,
-                        ", ".join(map(str, subnets)),
+                        ", ".join(subnets),
                         subnet,
                     )
                     return

@@ -1,10 +1,12 @@
-"""A real uvicorn server in a thread, for tests over HTTP and WebSocket."""
+"""A real uvicorn server in a thread, or the engine as a process of its own, for tests over
+HTTP and WebSocket."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import websockets
 from api.app import create_app
 from api.terminal import MAX_FRAME
 from engine.settings import Settings
+from tests.conftest import ROOT
 
 
 @contextmanager
@@ -55,45 +58,64 @@ def serve(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
         thread.join(timeout=600)
 
 
+class Engine:
+    """`sandbox-engine serve` as a process group of its own, so kill -9 takes its Pulumi
+    children with it, as a crash of the host process would."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.env, self.log = env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port)],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"the engine did not start:\n{self.log.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=600)
+
+
 @contextmanager
 def serve_process(settings: Settings, log: Path) -> Iterator[str]:
-    """``sandbox-engine serve`` in a process of its own, configured with ``settings`` through
-    its SANDBOX_* environment; yields the address to call it on. For a test whose client side
-    is busy itself (a fuzzer): the two do not share an interpreter lock."""
+    """``sandbox-engine serve`` in a process of its own (Engine), configured with ``settings``
+    through its SANDBOX_* environment; yields the address to call it on. For a test whose
+    client side is busy itself (a fuzzer): the two do not share an interpreter lock."""
     env = dict(os.environ)
     for name in settings.model_fields_set:
         value = getattr(settings, name)
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
         env[f"SANDBOX_{name.upper()}"] = str(value)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    address = f"127.0.0.1:{port}"
+    engine = Engine(env, log)
+    engine.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://{address}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield address
+        yield f"127.0.0.1:{engine.port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        engine.stop()
 
 
 class Terminal:

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -25,48 +21,8 @@ from engine.migrate import migrate
 from engine.settings import Settings
 from engine.stacks import StackManager, remove_labelled
 from engine.store import Role, create_client
+from tests.api_server import Engine, wait_for_state
 from tests.conftest import ROOT
-
-
-class Engine:
-    """`sandbox-engine serve` as a process group of its own, so kill -9 takes its Pulumi
-    children with it, as a crash of the host process would."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.env, self.log = env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port)],
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError(f"the engine did not start:\n{self.log.read_text()[-2000:]}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=600)
 
 
 def prepare(database: str, tmp_path: Path, **settings: str) -> tuple[str, str, dict[str, str]]:
@@ -174,11 +130,9 @@ def test_kill_during_create_and_during_destroy(
     # archives the workspace, then finishes the destroy.
     with _http(proc, engine["key"]) as http:
         sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
-        deadline = time.monotonic() + 180
-        while (body := http.get(f"/api/v1/sandboxes/{sid}").json())["state"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-    made = docker_client.containers.get(body["workspace"]).exec_run(
+        wait_for_state(http, sid, "running")
+        workspace = http.get(f"/api/v1/sandboxes/{sid}").json()["workspace"]
+    made = docker_client.containers.get(workspace).exec_run(
         ["sh", "-c", "echo 'my answer' > /home/coder/answer.txt"], user="coder"
     )
     assert made.exit_code == 0, made.output
@@ -189,11 +143,7 @@ def test_kill_during_create_and_during_destroy(
         )
     proc.start()
     with _http(proc, engine["key"]) as http:
-        deadline = time.monotonic() + 180
-        while (body := http.get(f"/api/v1/sandboxes/{sid}").json())["state"] == "destroying":
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-        assert body["state"] == "destroyed", body
+        wait_for_state(http, sid, "destroyed")
         [archive] = http.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
         assert (archive["reason"], archive["error"]) == ("deleted", None), archive
         got = http.get(archive["download"])
