@@ -52,6 +52,36 @@ async def get_service(request: Request) -> SandboxService:
 ServiceDep = Annotated[SandboxService, Depends(get_service)]
 
 
+def presented_key(conn: HTTPConnection, token: str | None = None) -> str | None:
+    """The one credential a request presents: ``Authorization: Bearer <key>``, ``X-API-Key``
+    or (WebSocket) ``?token=``. Several are accepted only when they are the same; a request
+    whose credentials disagree, or that carries one in a form the API does not take (another
+    Authorization scheme, an empty value, a header twice), is refused (401): it is never
+    served with whichever of them happens to be valid."""
+    found: list[str] = []
+    authorization = conn.headers.getlist("authorization")
+    api_keys = conn.headers.getlist("x-api-key")
+    if len(authorization) > 1 or len(api_keys) > 1:
+        raise Unauthorized("send one Authorization or X-API-Key header, not several")
+    if authorization:
+        scheme, _, value = authorization[0].strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+        found.append(value.strip())
+    if api_keys:
+        if not api_keys[0].strip():
+            raise Unauthorized("the X-API-Key header is empty")
+        found.append(api_keys[0].strip())
+    if token is not None:
+        found.append(token)
+    if len(set(found)) > 1:
+        raise Unauthorized(
+            "the request carries credentials that disagree (Authorization, X-API-Key,"
+            " token): send one"
+        )
+    return found[0] if found else None
+
+
 async def key_client(conn: HTTPConnection, key: str | None) -> Client:
     """The live client for a key; failures are rate-limited by the caller's address."""
     check_failures(conn)
@@ -66,12 +96,25 @@ async def key_client(conn: HTTPConnection, key: str | None) -> Client:
     return client
 
 
+async def request_client(conn: HTTPConnection, token: str | None = None) -> Client:
+    """The live client a request (or a WebSocket with ``?token=``) authenticates as."""
+    check_failures(conn)
+    try:
+        key = presented_key(conn, token)
+    except Unauthorized:
+        count_failure(conn)
+        raise
+    return await key_client(conn, key)
+
+
 async def get_client(
     request: Request,
+    # Declared for the OpenAPI document's security schemes; the headers are read (and
+    # checked against each other) by presented_key.
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> Client:
-    return await key_client(request, bearer.credentials if bearer else header)
+    return await request_client(request)
 
 
 ClientDep = Annotated[Client, Depends(get_client)]

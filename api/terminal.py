@@ -24,7 +24,14 @@ from typing import Any, Literal, NamedTuple
 import docker
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from api.deps import TooManyFailures, Unauthorized, check_failures, count_failure, key_client
+from api.deps import (
+    TooManyFailures,
+    Unauthorized,
+    check_failures,
+    count_failure,
+    presented_key,
+    request_client,
+)
 from api.sessions import RecordingUnavailable, Session
 from engine import store, tokens
 from engine.errors import NotFoundError
@@ -87,6 +94,11 @@ async def _authorize(
     try:
         if token and token.startswith(tokens.PREFIX):
             check_failures(ws)
+            try:
+                presented_key(ws, token)  # a header beside the token: refused unless the same
+            except Unauthorized:
+                count_failure(ws)
+                raise
             if tokens.verify(ws.app.state.secret_key, token) != sandbox_id:
                 count_failure(ws)
                 await ws.close(CLOSE_UNAUTHORIZED, "the access token does not open this sandbox")
@@ -96,13 +108,14 @@ async def _authorize(
                 await ws.close(CLOSE_NOT_FOUND, "no such sandbox")
                 return None
             return row, Viewer("candidate", "candidate")
-        key = token or ws.headers.get("x-api-key") or ws.headers.get("authorization", "")[7:]
-        client = await key_client(ws, key)
+        client = await request_client(ws, token)
     except TooManyFailures as exc:
         await ws.close(CLOSE_TOO_MANY_FAILURES, exc.detail)
         return None
-    except Unauthorized:
-        await ws.close(CLOSE_UNAUTHORIZED, "a valid API key or access token is required")
+    except Unauthorized as exc:
+        default = exc.detail == Unauthorized().detail
+        reason = "a valid API key or access token is required" if default else exc.detail
+        await ws.close(CLOSE_UNAUTHORIZED, reason)
         return None
     try:
         return await service.get(client, sandbox_id), Viewer(client.role, client.name)

@@ -8,7 +8,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import EngineError
 from engine.settings import Settings
@@ -124,7 +124,7 @@ def _with_service(settings: Settings, work: Callable[..., Awaitable[int]]) -> in
             client = await service.db(store.local_client)
             return await work(service, client)
         finally:
-            await service.close()
+            await service.close(wait_all=True)
             await reads.close()
             await asyncio.to_thread(pool.close)
 
@@ -248,12 +248,16 @@ def _cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from engine import first_admin
     from engine.store import revoke_client
 
     with _connect(settings) as conn:
         if not revoke_client(conn, args.id):
             print(f"sandbox-engine: no live key with id {args.id}", file=sys.stderr)
             return 1
+        path = settings.state_path / first_admin.FILE_NAME
+        if first_admin.forget_if_stale(conn, path):
+            print(f"{path} held it: removed")
     print(f"key {args.id} revoked")
     return 0
 
@@ -263,33 +267,45 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.terminal import MAX_FRAME
+    from engine import first_admin
     from engine.migrate import migrate
-    from engine.store import ensure_first_admin
 
     # A fresh database (a first deploy) gets its schema before the first admin key is made.
     migrate(settings.database_url.get_secret_value())
     with _connect(settings) as conn:
-        first = ensure_first_admin(conn)
-    if first:
-        # Never in a log (a container's output is one): a 0600 file for the operator to read.
-        from engine.toolenv import ensure_secret_file
+        print(first_admin.settle(conn, settings.state_path / first_admin.FILE_NAME), flush=True)
 
-        path = settings.state_path / "first-admin-key"
-        path.unlink(missing_ok=True)
-        ensure_secret_file(path, first + "\n")
-        print(
-            f"First admin API key written to {path} (mode 0600): read it, keep it elsewhere, "
-            "delete the file",
-            flush=True,
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the engine at once when a stop signal arrives: the
+        Pulumi runs it has going may end before uvicorn gets to the lifespan's shutdown, and
+        one that ends then was cut short by the stop, not failed."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service = getattr(app.state, "service", None)
+            if service is not None:
+                service.begin_stop()
+            super().handle_exit(sig, frame)
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=args.host or settings.listen_host,
+            port=args.port or settings.listen_port,
+            log_level="info",
+            ws_max_size=MAX_FRAME,
+            # Requests in flight (a submit's archive, say) get the stop's time too.
+            timeout_graceful_shutdown=max(1, int(settings.stop_timeout)),
         )
-
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.listen_host,
-        port=args.port or settings.listen_port,
-        log_level="info",
-        ws_max_size=MAX_FRAME,
     )
+    try:
+        server.run()
+    finally:
+        # A second Ctrl-C skips the lifespan's shutdown: no Pulumi run outlives the engine.
+        service = getattr(app.state, "service", None)
+        if service is not None:
+            service.stacks.terminate_runs()
     return 0
 
 

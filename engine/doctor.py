@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -120,6 +121,77 @@ def check_pulumi(settings: Settings) -> Check:
     if got != want:
         return Check("pulumi CLI", False, f"v{got}, but the SDK is {want}", "toolchain/build.sh")
     return Check("pulumi CLI", True, f"v{got} (SDK {want})")
+
+
+# Seconds `pulumi stack ls` may take before the doctor calls it hung.
+STACK_LS_TIMEOUT = 20.0
+
+
+def check_state_backend(settings: Settings) -> Check:
+    """``pulumi stack ls`` answers with the engine's environment, and the shell's own
+    PULUMI_DIY_BACKEND_PARALLEL (a platform engineer's plain CLI) cannot make it hang: the DIY
+    PostgreSQL backend deadlocks with as many listing workers as pool connections
+    (engine/toolenv.py)."""
+    import time
+
+    from engine.toolenv import DIY_BACKEND_PARALLEL, pulumi_env
+
+    env = {**os.environ, **pulumi_env(settings)}
+    fix = f'PULUMI_DIY_BACKEND_PARALLEL={DIY_BACKEND_PARALLEL} (eval "$(make -s env)" sets it)'
+    start = time.monotonic()
+    try:
+        out = subprocess.run(
+            [str(settings.toolchain_path / "pulumi"), "stack", "ls", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=STACK_LS_TIMEOUT,
+            cwd=settings.project_dir,
+            env=env,
+            check=True,
+        ).stdout
+    except subprocess.TimeoutExpired:
+        return Check(
+            "pulumi state backend",
+            False,
+            f"pulumi stack ls did not answer within {STACK_LS_TIMEOUT:.0f} s",
+            fix,
+        )
+    except OSError as exc:
+        return Check(
+            "pulumi state backend",
+            False,
+            f"no pulumi CLI: {type(exc).__name__}",
+            "toolchain/build.sh",
+        )
+    except subprocess.CalledProcessError as exc:
+        last = (exc.stderr or "").strip().splitlines()[-1:] or [f"exit code {exc.returncode}"]
+        # Its error names the backend URL: never its password.
+        why = re.sub(r"://([^:/@\s]+):[^@\s]*@", r"://\1:***@", last[0])
+        return Check(
+            "pulumi state backend",
+            False,
+            f"pulumi stack ls failed: {why[-300:]}",
+            "the postgresql row's fix (the state is in its database)",
+        )
+    took = time.monotonic() - start
+    count = out.count('"name"')
+    shell = os.environ.get("PULUMI_DIY_BACKEND_PARALLEL", "")
+    pool = max(2 * len(os.sched_getaffinity(0)), 2)  # Go sizes its pool from GOMAXPROCS
+    hangs = shell != "" and (not shell.isdigit() or int(shell) >= pool)
+    if settings.backend_url().startswith("postgres") and hangs:
+        return Check(
+            "pulumi state backend",
+            False,
+            f"this shell has PULUMI_DIY_BACKEND_PARALLEL={shell}: a plain `pulumi stack ls`"
+            f" hangs once {pool} stacks or more exist",
+            fix,
+        )
+    return Check(
+        "pulumi state backend",
+        True,
+        f"pulumi stack ls: {count} stacks in {took:.1f} s"
+        f" (PULUMI_DIY_BACKEND_PARALLEL={DIY_BACKEND_PARALLEL})",
+    )
 
 
 def check_language_host(settings: Settings) -> Check:
@@ -261,6 +333,7 @@ def run_checks(settings: Settings) -> list[Check]:
         check_address_pool,
         lambda: check_postgres(settings),
         lambda: check_pulumi(settings),
+        lambda: check_state_backend(settings),
         lambda: check_language_host(settings),
         lambda: check_traefik(settings),
         lambda: check_edge(settings),

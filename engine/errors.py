@@ -4,7 +4,9 @@ EngineError
 ├── TemplateError        a template file is invalid (file, field path, line)
 ├── NotFoundError        no such template or sandbox
 ├── ConflictError        an operation is already running on that sandbox's stack
-└── StackError           a Pulumi operation failed (message without secrets)
+├── StackError           a Pulumi operation failed (message without secrets)
+└── Interrupted          an operation cut short by the engine's own stop: not a failure of
+                         the sandbox; the next start's recovery finishes it
 """
 
 from __future__ import annotations
@@ -34,3 +36,27 @@ class ConflictError(EngineError):
 
 class StackError(EngineError):
     pass
+
+
+class Interrupted(EngineError):
+    pass
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in the words a user reads on a sandbox: the engine's own message, Docker's
+    explanation without its HTTP client's request line, or how a Pulumi run ended."""
+    import docker.errors
+    from pulumi import automation as auto
+
+    from engine.pulumi_cli import describe_command_error
+
+    if isinstance(exc, EngineError):
+        return str(exc)
+    if isinstance(exc, auto.CommandError):
+        return describe_command_error(exc)
+    if isinstance(exc, docker.errors.APIError):
+        why = exc.explanation or (exc.response.reason if exc.response is not None else "")
+        return f"Docker answered {exc.status_code}: {why}" if why else f"Docker: {exc}"
+    if isinstance(exc, docker.errors.DockerException):
+        return f"Docker is not reachable ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -78,8 +78,11 @@ class Reaper:
         self._last_sweep: float | None = None
 
     async def run_once(self) -> list[str]:
-        """One pass; returns the ids of the sandboxes whose destroy it started."""
+        """One pass; returns the ids of the sandboxes whose destroy it started. None while
+        the engine is stopping (what it would start could not run)."""
         settings = self.service.settings
+        if self.service.stopping:
+            return []
         await self._step("reconcile", self.service.reconcile())
         now = self.clock()
         claimed: list[SandboxRow] = await self.service.db(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import secrets
 import time
@@ -25,10 +24,10 @@ import docker.errors
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from engine import archives, store, tasks, workers
-from engine.errors import ConflictError, EngineError, NotFoundError
+from engine import archives, first_admin, store, tasks, workers
+from engine.errors import ConflictError, EngineError, Interrupted, NotFoundError, describe
 from engine.settings import Settings
-from engine.stacks import StackManager, container_states, engine_objects
+from engine.stacks import StackManager, container_states, engine_objects, labelled_objects
 from engine.store import Client, DestroyReason, SandboxRow, SandboxState
 from engine.templates import Archive, Template, find, load_all
 from engine.units import format_duration, parse_duration
@@ -59,6 +58,9 @@ class InvalidRequest(EngineError):
 
 # Seconds a finished stack operation keeps trying to record its result in the database.
 FINISH_RETRY = 300.0
+# Seconds a stop waits for jobs once their Pulumi runs were cut short, and again once the jobs
+# themselves were cancelled.
+STOP_SETTLE = 15.0
 
 
 class QuotaExceeded(EngineError):
@@ -137,11 +139,59 @@ class SandboxService:
         await asyncio.to_thread(self.lease.acquire)
         self.stacks.instance = await self.db(store.engine_instance)
 
-    async def close(self) -> None:
-        """Wait for running jobs, then give the lease up."""
-        await self.drain()
+    # --- stopping --------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self.stacks.stopping
+
+    def begin_stop(self) -> None:
+        """The engine got its stop signal (or its lifespan ends): creates are refused, no new
+        stack operation starts, and one cut short from now on is left for recovery. Safe from
+        a signal handler (it only sets a flag)."""
+        self.stacks.begin_stop()
+
+    async def close(self, *, wait_all: bool = False) -> None:
+        """Stop: give running jobs ``stop_timeout`` seconds (``wait_all``: as long as they
+        take, for a CLI command that waits for its own job), cut the Pulumi runs still going
+        short (their sandboxes stay mid-operation, with this process as their worker: once
+        its lease is gone, the next start's recovery finishes them), then give the lease up."""
+        if wait_all:
+            await self.drain()
+        self.begin_stop()
+        timeout = self.settings.stop_timeout
+        if self._jobs and timeout > 0:
+            log.info("stopping: waiting up to %.0f s for %d jobs", timeout, len(self._jobs))
+            await asyncio.wait(self._jobs, timeout=timeout)
+        if self._jobs:
+            cut = await asyncio.to_thread(self.stacks.terminate_runs)
+            log.warning(
+                "stopping: %d jobs still running (%d Pulumi runs cut short); recovery at the"
+                " next start finishes them",
+                len(self._jobs),
+                cut,
+            )
+            await asyncio.wait(self._jobs, timeout=STOP_SETTLE)
+            for job in list(self._jobs):  # e.g. an archive still streaming: recovery redoes it
+                job.cancel()
+            if self._jobs:
+                await asyncio.wait(self._jobs, timeout=STOP_SETTLE)
         await asyncio.to_thread(self.lease.release)
         await asyncio.to_thread(self._close_stacks)
+
+    async def _left_for_recovery(self, sandbox_id: str, operation: str, exc: Exception) -> bool:
+        """Whether a failed step was the engine's stop cutting it short; if so the sandbox is
+        left as it is (mid-operation) for recovery, with an event saying so."""
+        if not isinstance(exc, Interrupted) and not self.stopping:
+            return False
+        log.info("%s of %s left for recovery: %s", operation, sandbox_id, exc)
+        with contextlib.suppress(Exception):  # the database may be going too: recovery tells
+            await self._event(
+                sandbox_id,
+                "progress",
+                f"the engine is stopping: the interrupted {operation} is settled at its next start",
+            )
+        return True
 
     @property
     def worker(self) -> str:
@@ -152,11 +202,16 @@ class SandboxService:
     async def _stack_op(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a stack operation on the stack threads: at most ``max_stack_operations`` at
         once, the rest queued without holding a thread. The event loop's default threads stay
-        free for database calls and terminals however many operations are waiting."""
+        free for database calls and terminals however many operations are waiting. None
+        starts once the engine is stopping (``Interrupted``)."""
+
+        def run() -> Any:
+            if self.stopping:
+                raise Interrupted("not started: the engine is stopping")
+            return fn(*args, **kwargs)
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._stack_threads, functools.partial(fn, *args, **kwargs)
-        )
+        return await loop.run_in_executor(self._stack_threads, run)
 
     def _close_stacks(self) -> None:
         self._stack_threads.shutdown(wait=True)
@@ -210,6 +265,19 @@ class SandboxService:
 
     # --- changing --------------------------------------------------------------------------
 
+    async def revoke_key(self, key_id: int) -> bool:
+        """Revoke an API key at once (False: no such live key); the first admin key's file
+        goes with its key."""
+
+        def apply(conn: psycopg.Connection) -> bool:
+            if not store.revoke_client(conn, key_id):
+                return False
+            first_admin.forget_if_stale(conn, self.settings.state_path / first_admin.FILE_NAME)
+            return True
+
+        revoked: bool = await self.db(apply)
+        return revoked
+
     def template(self, name: str) -> Template:
         return find(self.settings.templates_path, name)
 
@@ -236,6 +304,8 @@ class SandboxService:
                 raise InvalidRequest(
                     "ttl", f"is over the template's max_ttl ({format_duration(template.max_ttl)})"
                 )
+        if self.stopping:
+            raise EngineBusy("the engine is stopping; retry shortly")
         env = request.env or {}
         if len(env) > MAX_ENV or any(len(v) > MAX_ENV_VALUE for v in env.values()):
             raise InvalidRequest("env", f"at most {MAX_ENV} variables of {MAX_ENV_VALUE} bytes")
@@ -390,9 +460,12 @@ class SandboxService:
 
         stuck: list[SandboxRow] = await self.db(orphaned)
         for row in stuck:
-            log.warning("sandbox %s was left %s by a dead engine process", row.id, row.state)
+            log.warning("sandbox %s was left %s by an engine process now gone", row.id, row.state)
             await self._event(
-                row.id, "progress", f"recovering: its engine process died ({row.state})"
+                row.id,
+                "progress",
+                f"recovering: its engine process stopped or died during the"
+                f" {INTERRUPTED[row.state]}",
             )
             if row.state == "destroying" and row.reason is not None:
                 # Killed before its archive was made: made now, while the workspace may
@@ -402,10 +475,20 @@ class SandboxService:
                     await self._archive_before_destroy(row.id, DestroyReason(row.reason))
             try:
                 await self._stack_op(self.stacks.recover, row.id)
+            except Interrupted:
+                return [r.id for r in stuck]  # this engine is stopping too: the next start
             except Exception as exc:
                 log.warning("recovery of %s failed: %s", row.id, exc)
-                await self._force(row.id, SandboxState.FAILED, f"recovery failed: {exc}")
-                continue
+                left = await asyncio.to_thread(labelled_objects, row.id)
+                if left or row.state != "destroying":
+                    await self._force(
+                        row.id,
+                        SandboxState.FAILED,
+                        f"recovering the interrupted {INTERRUPTED[row.state]} failed: "
+                        f"{describe(exc)}" + (f" ({', '.join(left)} left)" if left else ""),
+                    )
+                    continue
+                # The step failed, but nothing of the sandbox is left: it is destroyed.
             if row.state in ("creating", "repairing"):
                 await self._force(
                     row.id,
@@ -501,9 +584,11 @@ class SandboxService:
                 self.stacks.repair, sandbox_id, progress=self._progress(sandbox_id)
             )
         except Exception as exc:
+            if await self._left_for_recovery(sandbox_id, "repair", exc):
+                return
             log.warning("repair of %s failed: %s", sandbox_id, exc)
             await self._finish(
-                sandbox_id, SandboxState.FAILED, error=f"repair failed: {str(exc)[:1900]}"
+                sandbox_id, SandboxState.FAILED, error=f"repair failed: {describe(exc)[:1900]}"
             )
             return
         await self._finish(sandbox_id, SandboxState.RUNNING, outputs=outputs)
@@ -517,6 +602,8 @@ class SandboxService:
         whose pool create failed waits POOL_BACKOFF seconds). Decisions are taken under a
         per-template database lock, so engine processes sharing the database do not
         overfill. Returns the ids of the pool sandboxes started."""
+        if self.stopping:
+            return []
         try:
             templates = load_all(self.settings.templates_path)
         except EngineError as exc:
@@ -577,6 +664,8 @@ class SandboxService:
         time, in the background: each is a CLI run). A reserved stack whose initialising
         process died before it was ready is removed (and its stack with it). Returns the ids
         initialised."""
+        if self.stopping:
+            return []
         size = self.settings.stack_reserve
         for sid, ready, worker in await self.db(store.reserve_entries):
             if ready or worker == self.worker:
@@ -720,8 +809,10 @@ class SandboxService:
                 reserved=reserved,
             )
         except Exception as exc:  # recorded on the row; the stack was torn down
+            if await self._left_for_recovery(row.id, "create", exc):
+                return
             log.warning("sandbox %s failed: %s", row.id, exc)
-            await self._finish(row.id, SandboxState.FAILED, error=str(exc)[:2000])
+            await self._finish(row.id, SandboxState.FAILED, error=describe(exc)[:2000])
             if row.owner_id is None:  # a pool create: wait before trying this template again
                 self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
             return
@@ -738,14 +829,18 @@ class SandboxService:
                 )
                 await seeding.written()  # its last line is in the events before `running`
             except Exception as exc:
+                if await self._left_for_recovery(row.id, "create", exc):
+                    return
                 log.warning("sandbox %s: task seeding failed: %s", row.id, exc)
                 try:
                     await self._stack_op(
                         self.stacks.destroy, row.id, progress=self._progress(row.id)
                     )
-                    error = f"{exc}; cleaned up"
+                    error = f"{describe(exc)}; cleaned up"
                 except Exception as cleanup:
-                    error = f"{exc}; the cleanup failed too: {cleanup}"
+                    if await self._left_for_recovery(row.id, "create", cleanup):
+                        return
+                    error = f"{describe(exc)}; the cleanup failed too: {describe(cleanup)}"
                 await self._finish(row.id, SandboxState.FAILED, error=error[:2000])
                 if row.owner_id is None:
                     self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
@@ -756,6 +851,11 @@ class SandboxService:
             self._pool_backoff.pop(row.template, None)
 
     async def _destroy_job(self, sandbox_id: str, reason: DestroyReason) -> None:
+        """Archive, destroy the stack; when the destroy fails, clean up what is left directly
+        (``StackManager.recover``: the stack's lock and pending steps dropped, the stack
+        destroyed again, labelled objects removed). A destroy that ends with nothing of the
+        sandbox left is ``destroyed`` (or ``expired``), whatever failed on the way; one the
+        engine's stop cuts short stays ``destroying`` for recovery."""
         await self._archive_before_destroy(sandbox_id, reason)
         try:
             await self._stack_op(
@@ -764,9 +864,23 @@ class SandboxService:
         except NotFoundError:
             pass  # no stack (a create that failed): nothing to destroy
         except Exception as exc:
-            log.warning("destroy of %s failed: %s", sandbox_id, exc)
-            await self._finish(sandbox_id, SandboxState.FAILED, error=str(exc)[:2000])
-            return
+            if await self._left_for_recovery(sandbox_id, "destroy", exc):
+                return
+            log.warning("destroy of %s failed: %s; cleaning up directly", sandbox_id, exc)
+            await self._event(sandbox_id, "progress", f"{describe(exc)}; cleaning up directly")
+            try:
+                await self._stack_op(self.stacks.recover, sandbox_id)
+            except Exception as cleanup:
+                if await self._left_for_recovery(sandbox_id, "destroy", cleanup):
+                    return
+                left = await asyncio.to_thread(labelled_objects, sandbox_id)
+                if left:
+                    error = (
+                        f"destroy: {describe(exc)}; cleaning up after it failed too:"
+                        f" {describe(cleanup)} ({', '.join(left)} left)"
+                    )
+                    await self._finish(sandbox_id, SandboxState.FAILED, error=error[:2000])
+                    return
         final = SandboxState.EXPIRED if reason == DestroyReason.TTL else SandboxState.DESTROYED
         await self._finish(sandbox_id, final)
 

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     # The engine's creates and destroys attach to one long-lived docker provider process
     # instead of starting one per run (false: a provider per run, as the plain CLI does).
     shared_provider: bool = True
+    # Seconds one Pulumi run that touches resources (up, destroy, refresh, preview) may take;
+    # past it the run is stopped and the operation fails naming the bound. Other runs (stack
+    # ls, stack init, config…) have 120 s (engine/pulumi_cli.py).
+    pulumi_timeout: float = Field(default=900, ge=10, le=86400)
+    # Seconds a stop (SIGINT, SIGTERM) gives requests and stack operations in flight to finish;
+    # what is still running then is cut short and left for the next start's recovery.
+    stop_timeout: float = Field(default=30, ge=0, le=3600)
     # How many Pulumi operations (up, destroy, preview…) run at once.
     max_stack_operations: int = Field(default=4, ge=1, le=64)
     # Folder holding the sandbox templates (*.yaml).

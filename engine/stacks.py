@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,8 @@ from pulumi import automation as auto
 from pulumi.automation._server import LanguageServer
 from pulumi.runtime.proto import language_pb2_grpc
 
-from engine.errors import ConflictError, NotFoundError, StackError
+from engine.errors import ConflictError, Interrupted, NotFoundError, StackError
+from engine.pulumi_cli import PulumiInterrupted, describe_command_error
 from engine.settings import Settings
 from engine.spec import (
     BRIDGE_NAME_OPTION,
@@ -98,6 +100,25 @@ class StackManager:
         """Stop the shared provider (it also stops by itself when this process ends)."""
         if self._provider is not None:
             self._provider.stop()
+
+    # --- the engine's stop -------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        """The engine is stopping: no new Pulumi run starts, and one that ends badly from now
+        on was interrupted (``Interrupted``), not failed."""
+        self._command.begin_stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._command.stopping
+
+    def running(self) -> int:
+        """Pulumi runs going on now."""
+        return self._command.running()
+
+    def terminate_runs(self) -> int:
+        """Cut every Pulumi run still going short (the stop's time is up); how many there were."""
+        return self._command.terminate_all()
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -243,6 +264,8 @@ class StackManager:
             self._cli(["stack", "init", "--no-select", name])
         except auto.StackAlreadyExistsError as exc:
             raise ConflictError(f"stack {name} already exists") from exc
+        except PulumiInterrupted as exc:
+            raise Interrupted(str(exc)) from exc
         except auto.CommandError as exc:  # e.g. the state backend's disk is full
             raise StackError(f"pulumi stack init: {_summarize(exc)}") from exc
 
@@ -359,6 +382,10 @@ class StackManager:
                     progress=progress,
                     events=events,
                 )
+            except PulumiInterrupted as exc:
+                # The engine is stopping: no teardown now (another Pulumi run); the sandbox
+                # stays "creating" and the next start's recovery cleans it up.
+                raise Interrupted(str(exc)) from exc
             except auto.CommandError as exc:
                 self._remove_stack(name)
                 raise StackError(_summarize(exc)) from exc
@@ -416,8 +443,10 @@ class StackManager:
                 )
             except auto.StackNotFoundError as exc:
                 raise NotFoundError(f"no sandbox stack {name}") from exc
+            except PulumiInterrupted as exc:
+                raise Interrupted(str(exc)) from exc
             except auto.CommandError as exc:
-                raise StackError(_summarize(exc)) from exc
+                raise StackError(f"pulumi destroy: {_summarize(exc)}") from exc
             self._config_file(name).unlink(missing_ok=True)
 
     def recover(self, sandbox_id: str) -> None:
@@ -447,8 +476,10 @@ class StackManager:
                     stack.import_stack(auto.Deployment(version=exported.version, deployment=state))
                 try:
                     stack.destroy()
+                except PulumiInterrupted as exc:
+                    raise Interrupted(str(exc)) from exc
                 except auto.CommandError as exc:
-                    raise StackError(_summarize(exc)) from exc
+                    raise StackError(f"pulumi destroy: {_summarize(exc)}") from exc
                 stack.workspace.remove_stack(name, force=True)
                 (self.settings.stack_config_path / f"Pulumi.{name}.yaml").unlink(missing_ok=True)
         remove_labelled(sandbox_id)
@@ -514,6 +545,9 @@ class SharedProvider:
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            # A Ctrl-C meant for the engine leaves it to the runs that use it (their own
+            # groups too); it ends with the engine, which it watches.
+            start_new_session=True,
         )
         assert process.stdout is not None
         line = process.stdout.readline().strip()
@@ -543,7 +577,7 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
     client = docker.from_env(timeout=60)
     try:
         for container in client.containers.list(all=True, filters=selector):
-            container.remove(force=True, v=True)
+            remove_container(client, container.id or container.name)
             removed.append(f"container {container.name}")
         if containers_only:
             return removed
@@ -556,6 +590,32 @@ def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[s
     finally:
         client.close()
     return removed
+
+
+# Seconds a container Docker is already removing (another request started it: a destroy cut
+# short, say) is waited for.
+REMOVAL_WAIT = 60.0
+
+
+def remove_container(client: docker.DockerClient, ident: str) -> None:
+    """Remove a container with its anonymous volumes; gone already is success, and one that
+    Docker is already removing is waited for until it is gone."""
+    try:
+        client.api.remove_container(ident, v=True, force=True)
+        return
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409 or "already in progress" not in str(exc.explanation):
+            raise
+    deadline = time.monotonic() + REMOVAL_WAIT
+    while time.monotonic() < deadline:
+        try:
+            client.api.inspect_container(ident)
+        except docker.errors.NotFound:
+            return
+        time.sleep(0.2)
+    raise StackError(f"Docker was still removing container {ident} after {REMOVAL_WAIT:.0f} s")
 
 
 def network_subnets(attrs: dict[str, Any]) -> list[str]:
@@ -619,6 +679,20 @@ def ensure_edge_network(name: str, subnet: str = "") -> None:
             with contextlib.suppress(docker.errors.NotFound):
                 network.remove()
         raise StackError(f"network {name} could not be made with {options} and subnet {subnet}")
+    finally:
+        client.close()
+
+
+def labelled_objects(sandbox_id: str) -> list[str]:
+    """Every container, network and volume still labelled with this sandbox ("container x")."""
+    selector = {"label": f"{L_SANDBOX}={sandbox_id}"}
+    client = docker.from_env(timeout=60)
+    try:
+        return [
+            *(f"container {c.name}" for c in client.containers.list(all=True, filters=selector)),
+            *(f"network {n.name}" for n in client.networks.list(filters=selector)),
+            *(f"volume {v.name}" for v in client.volumes.list(filters=selector)),
+        ]
     finally:
         client.close()
 
@@ -708,7 +782,6 @@ def _counts(summary: Any) -> dict[str, int]:
 
 
 def _summarize(exc: auto.CommandError) -> str:
-    """The error lines of a failed Pulumi run, without its full log (and so without config)."""
-    text = str(exc)
-    lines = [ln.strip().removeprefix("stderr: ") for ln in text.splitlines() if "error:" in ln]
-    return "\n".join(dict.fromkeys(lines)) or text.strip().splitlines()[-1]
+    """The error lines of a failed Pulumi run, without its full log (and so without config);
+    how it ended when it printed none."""
+    return describe_command_error(exc)

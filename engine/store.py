@@ -47,14 +47,18 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def create_client(conn: psycopg.Connection, *, name: str, role: Role) -> tuple[Client, str]:
-    """A new client and its key (the only time the key is seen)."""
+def create_client(
+    conn: psycopg.Connection, *, name: str, role: Role, internal: bool = False
+) -> tuple[Client, str]:
+    """A new client and its key (the only time the key is seen). ``internal``: an identity of
+    the engine's own, whose key nobody keeps (the local CLI's)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     with conn.cursor(row_factory=class_row(Client)) as cur:
         cur.execute(
-            "INSERT INTO api_clients (name, role, key_hash, key_prefix) VALUES (%s, %s, %s, %s)"
+            "INSERT INTO api_clients (name, role, key_hash, key_prefix, internal)"
+            " VALUES (%s, %s, %s, %s, %s)"
             " RETURNING id, name, role, key_prefix, created_at, last_used_at, revoked_at",
-            (name, role.value, hash_key(key), key[:SHOWN_PREFIX]),
+            (name, role.value, hash_key(key), key[:SHOWN_PREFIX], internal),
         )
         client = cur.fetchone()
     assert client is not None
@@ -102,14 +106,32 @@ def revoke_client(conn: psycopg.Connection, client_id: int) -> bool:
     return cur.rowcount == 1
 
 
+def live_client(conn: psycopg.Connection, key: str) -> Client | None:
+    """The live client holding this key, or None (no use recorded: a check, not a request)."""
+    with conn.cursor(row_factory=class_row(Client)) as cur:
+        cur.execute(
+            "SELECT id, name, role, key_prefix, created_at, last_used_at, revoked_at"
+            " FROM api_clients WHERE key_hash = %s AND revoked_at IS NULL",
+            (hash_key(key),),
+        )
+        return cur.fetchone()
+
+
+def has_held_admin(conn: psycopg.Connection) -> bool:
+    """Whether a live admin key exists that someone holds (not an internal identity)."""
+    row = conn.execute(
+        "SELECT 1 FROM api_clients WHERE role = 'admin' AND revoked_at IS NULL"
+        " AND NOT internal LIMIT 1"
+    ).fetchone()
+    return row is not None
+
+
 def ensure_first_admin(conn: psycopg.Connection) -> str | None:
-    """Create an admin key when no live admin exists; return it (else None)."""
+    """Create an admin key when no live admin that someone holds exists; return it (else
+    None). The local CLI's identity does not count: nobody has its key."""
     # The lock makes two engine processes starting together create one admin, not two.
     conn.execute("LOCK TABLE api_clients IN SHARE ROW EXCLUSIVE MODE")
-    row = conn.execute(
-        "SELECT 1 FROM api_clients WHERE role = 'admin' AND revoked_at IS NULL LIMIT 1"
-    ).fetchone()
-    if row:
+    if has_held_admin(conn):
         return None
     _, key = create_client(conn, name="first admin", role=Role.ADMIN)
     return key
@@ -399,12 +421,13 @@ def local_client(conn: psycopg.Connection) -> Client:
     with conn.cursor(row_factory=class_row(Client)) as cur:
         cur.execute(
             "SELECT id, name, role, key_prefix, created_at, last_used_at, revoked_at"
-            " FROM api_clients WHERE name = 'local cli' AND role = 'admin' AND revoked_at IS NULL"
+            " FROM api_clients WHERE internal AND name = 'local cli' AND role = 'admin'"
+            " AND revoked_at IS NULL"
         )
         found = cur.fetchone()
     if found:
         return found
-    client, _ = create_client(conn, name="local cli", role=Role.ADMIN)
+    client, _ = create_client(conn, name="local cli", role=Role.ADMIN, internal=True)
     return client
 
 

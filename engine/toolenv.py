@@ -15,7 +15,16 @@ from pathlib import Path
 
 from pulumi import automation as auto
 
+from engine.pulumi_cli import EngineCommand
 from engine.settings import Settings
+
+# Workers of Pulumi's DIY backend listing stacks at once (PULUMI_DIY_BACKEND_PARALLEL, default
+# 10). Its PostgreSQL bucket keeps a listing's rows open on one connection while it asks for a
+# second one per stack, from a pool of max(2 x GOMAXPROCS, 2) connections: with as many
+# workers as connections each holds one and waits for another for ever (`pulumi stack ls`
+# hung with four stacks or more on two cores; Pulumi v3.260.0 to v3.276.0). One worker always
+# finds its second connection, on any core count; 60 stacks list in well under a second.
+DIY_BACKEND_PARALLEL = "1"
 
 
 def ensure_secret_file(path: Path, value: str | None = None) -> Path:
@@ -78,6 +87,7 @@ def pulumi_env(settings: Settings, *, backend_url: str | None = None) -> dict[st
         "PULUMI_SKIP_UPDATE_CHECK": "true",
         # State lives in PostgreSQL, which is backed up as a whole; per-update copies only add rows.
         "PULUMI_DIY_BACKEND_DISABLE_CHECKPOINT_BACKUPS": "true",
+        "PULUMI_DIY_BACKEND_PARALLEL": DIY_BACKEND_PARALLEL,
     }
 
 
@@ -86,12 +96,15 @@ def sdk_version() -> str:
     return dist_version("pulumi")
 
 
-def pulumi_command(settings: Settings) -> auto.PulumiCommand:
-    """The toolchain's CLI, checked once against the SDK's minimum version.
+def pulumi_command(settings: Settings) -> EngineCommand:
+    """The toolchain's CLI, checked once against the SDK's minimum version, with the engine's
+    time bounds and stop handling (engine/pulumi_cli.py).
 
     Share one handle: building it runs ``pulumi version``.
     """
-    return auto.PulumiCommand(root=str(settings.toolchain_path.parent))
+    return EngineCommand(
+        root=str(settings.toolchain_path.parent), long_timeout=settings.pulumi_timeout
+    )
 
 
 def workspace_options(

@@ -4,6 +4,7 @@ HTTP and WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,13 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
+import psycopg
 import uvicorn
 import websockets
 
 from api.app import create_app
 from api.terminal import MAX_FRAME
+from engine.migrate import migrate
 from engine.settings import Settings
+from engine.stacks import StackManager
+from engine.store import Role, create_client
 from tests.conftest import ROOT
 
 
@@ -58,16 +64,45 @@ def serve(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
         thread.join(timeout=600)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, theirs…), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name, in parentheses, may hold spaces: the fields follow its last ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class Engine:
-    """`sandbox-engine serve` as a process group of its own, so kill -9 takes its Pulumi
-    children with it, as a crash of the host process would."""
+    """`sandbox-engine serve` as a process of its own, in its own session, with its state
+    (keys file, PULUMI_HOME, passphrase, recordings…) in a folder beside its log, never in
+    the checkout's .state/. ``kill9`` takes every process under it along, as a crash of its
+    host (or its cgroup) would."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.env, self.log = env, log
+        self.env = {"SANDBOX_STATE_DIR": str(log.parent / f"{log.stem}-state"), **env}
+        self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.env["SANDBOX_STATE_DIR"])
 
     def start(self) -> None:
         with self.log.open("ab") as out:
@@ -88,10 +123,25 @@ class Engine:
                 time.sleep(0.2)
         raise AssertionError(f"the engine did not start:\n{self.log.read_text()[-2000:]}")
 
+    def signal_all(self, sig: signal.Signals) -> list[int]:
+        """Send ``sig`` to the engine and every process under it at once (a service manager's
+        stop of its cgroup); returns the pids signalled."""
+        assert self.proc is not None
+        pids = [self.proc.pid, *descendants(self.proc.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
     def kill9(self) -> None:
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.signal_all(signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the engine to exit; its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -177,3 +227,55 @@ def wait_for_state(http: httpx.Client, sandbox_id: str, state: str, timeout: flo
         assert body["state"] != "failed", body
         time.sleep(0.5)
     raise AssertionError(f"{sandbox_id} never reached {state}")
+
+
+# --- an engine process over a throwaway database ---------------------------------------------
+
+
+def prepare(database: str, tmp_path: Path, **settings: str) -> tuple[str, str, dict[str, str]]:
+    """A migrated database with a member key, a file backend in ``tmp_path``, and the
+    environment an engine process runs with: (key, backend URL, env)."""
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        _, key = create_client(conn, name="t", role=Role.MEMBER)
+    backend = f"file://{tmp_path}"
+    env = {
+        **os.environ,
+        "SANDBOX_DATABASE_URL": database,
+        "SANDBOX_PULUMI_BACKEND_URL": backend,
+        # Engines of one env share their state (the stack secrets' passphrase above all), as
+        # engine processes of one deployment do; never the checkout's .state/.
+        "SANDBOX_STATE_DIR": str(tmp_path / "engine-state"),
+        **settings,
+    }
+    return key, backend, env
+
+
+def engine_http(engine: Engine, key: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{engine.port}", headers={"X-API-Key": key}, timeout=60
+    )
+
+
+def wait_for_event(database: str, sid: str, text: str, timeout: float = 120) -> None:
+    """Poll the events table (the SSE stream would hold the request open until the end)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            found = conn.execute(
+                "SELECT 1 FROM sandbox_events WHERE sandbox_id = %s AND message LIKE %s",
+                (sid, f"%{text}%"),
+            ).fetchone()
+            if found:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"no event with {text!r}")
+
+
+def nothing_left(docker_client: docker.DockerClient, settings: Settings, sid: str) -> None:
+    selector = {"label": f"io.sandbox-engine.sandbox={sid}"}
+    assert not docker_client.containers.list(all=True, filters=selector)
+    assert not docker_client.networks.list(filters=selector)
+    assert not docker_client.volumes.list(filters=selector)
+    assert f"sbx-{sid}" not in {s.name for s in StackManager(settings).list()}
+    assert not (ROOT / ".state" / "stacks" / f"Pulumi.sbx-{sid}.yaml").exists()

@@ -31,6 +31,23 @@ if "SANDBOX_ARCHIVES_DIR" not in os.environ:
     RUN_ARCHIVES: str | None = os.environ["SANDBOX_ARCHIVES_DIR"]
 else:
     RUN_ARCHIVES = None
+# An engine a test stops waits for its jobs as long as they take (tests end with nothing of
+# theirs left); the stop tests set their own bound.
+os.environ.setdefault("SANDBOX_STOP_TIMEOUT", "600")
+# The checkout's first admin key is the newcomer's: no test may write it (their engines keep
+# their state in folders of their own). The session ends by checking it was left as it was.
+FIRST_ADMIN_KEY = ROOT / ".state" / "first-admin-key"
+
+
+def _fingerprint(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+FIRST_ADMIN_KEY_AT_START = _fingerprint(FIRST_ADMIN_KEY)
 # Every Docker object a test creates carries this label; the session ends by checking none is left.
 TEST_LABEL = "io.sandbox-engine.test"
 
@@ -73,6 +90,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if RUN_ARCHIVES:
         shutil.rmtree(RUN_ARCHIVES, ignore_errors=True)
+    if _fingerprint(FIRST_ADMIN_KEY) != FIRST_ADMIN_KEY_AT_START:
+        session.config.get_terminal_writer().line(
+            f"FAILED: a test wrote or removed {FIRST_ADMIN_KEY}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     try:
         left = _leftovers()
     except docker.errors.DockerException:

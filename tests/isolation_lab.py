@@ -17,8 +17,7 @@ import pytest
 
 from engine import firewall
 from engine.spec import L_ROLE, L_SANDBOX
-from tests.api_server import Engine, wait_for_state
-from tests.test_recovery import prepare
+from tests.api_server import Engine, prepare, wait_for_state
 
 ROOT = Path(__file__).resolve().parent.parent
 LIVE = ROOT / "tests" / "fixtures" / "live-templates"

@@ -335,3 +335,76 @@ def test_failures_past_the_limit_refuse_the_address(
         assert http.get("/healthz").status_code == 200
         proxied = {**good, "X-Forwarded-For": "203.0.113.7"}
         assert http.get("/api/v1/sandboxes", headers=proxied).status_code == 200
+
+
+# --- credentials that disagree ----------------------------------------------------------------
+
+# Header sets beside a caller's valid key, none of which may be served: a bad or foreign
+# Authorization beside a valid X-API-Key, and a valid Authorization beside a bad X-API-Key.
+DISAGREEING = {
+    "basic beside a key": lambda k, other: {"Authorization": "Basic Zm9vOmJhcg==", "X-API-Key": k},
+    "bad bearer beside a key": lambda k, other: {"Authorization": "Bearer sek_x", "X-API-Key": k},
+    "bearer without a key": lambda k, other: {"Authorization": "Bearer", "X-API-Key": k},
+    "garbage beside a key": lambda k, other: {"Authorization": "garbage", "X-API-Key": k},
+    "key beside a bad key": lambda k, other: {"Authorization": f"Bearer {k}", "X-API-Key": "x"},
+    "two valid keys": lambda k, other: {"Authorization": f"Bearer {k}", "X-API-Key": other},
+}
+
+
+def test_credentials_that_disagree_are_refused_everywhere(world: dict) -> None:
+    """On every endpoint that needs a key: a request carrying a valid key beside a credential
+    that is not the same (or not in a form the API takes) is refused 401, saying so; the
+    same key twice is served."""
+    creds = world["credentials"]
+    needing = [r for r, (_, expected) in MATRIX.items() if r[0] != "WS" and expected[0] == 401]
+    assert ("POST", "/api/v1/keys") in needing
+    admin = {"X-API-Key": creds["admin"]}
+    with httpx.Client(base_url=f"http://{world['address']}", timeout=60) as http:
+        keys_before = len(http.get("/api/v1/keys", headers=admin).json())
+        for route in needing:
+            method, _ = route
+            url = MATRIX[route][0].format(**world["fill"], credential="none")
+            for case, headers in DISAGREEING.items():
+                response = http.request(
+                    method,
+                    url,
+                    headers=headers(creds["admin"], creds["alice"]),
+                    json=BODIES.get(route),
+                )
+                assert response.status_code == 401, (route, case, response.text)
+                assert response.headers["content-type"] == PROBLEM
+                detail = response.json()["detail"]
+                assert "Authorization" in detail or "disagree" in detail, (route, case, detail)
+        # The refused POST /api/v1/keys made no key, the refused DELETE revoked none.
+        assert len(http.get("/api/v1/keys", headers=admin).json()) == keys_before
+        both = {"Authorization": f"Bearer {creds['alice']}", "X-API-Key": creds["alice"]}
+        assert http.get("/api/v1/sandboxes", headers=both).status_code == 200
+
+
+async def _close_with_headers(url: str, headers: dict[str, str]) -> tuple[int, str]:
+    try:
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            await asyncio.wait_for(ws.recv(), 10)
+    except websockets.ConnectionClosed as exc:
+        return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+    return 1000, ""
+
+
+def test_a_terminal_token_beside_another_credential_is_refused(world: dict) -> None:
+    creds, sid = world["credentials"], world["fill"]["sid"]
+    base = f"ws://{world['address']}/api/v1/ws/terminal/{sid}"
+    for token, headers in (
+        (creds["alice"], {"X-API-Key": creds["bob"]}),  # a key in the query, another in a header
+        (creds["token"], {"X-API-Key": creds["alice"]}),  # a candidate token beside a key
+        (creds["token"], {"Authorization": "Basic Zm9vOmJhcg=="}),
+        (None, {"Authorization": "Basic Zm9vOmJhcg==", "X-API-Key": creds["alice"]}),
+    ):
+        url = f"{base}?token={token}" if token else base
+        code, reason = asyncio.run(_close_with_headers(url, headers))
+        assert code == 4401, (token, headers, code, reason)
+        assert "disagree" in reason or "Authorization" in reason, reason
+    # The same key in the query and in a header agrees: the terminal opens.
+    code, _ = asyncio.run(
+        _close_with_headers(f"{base}?token={creds['alice']}", {"X-API-Key": creds["alice"]})
+    )
+    assert code == 1000

@@ -25,9 +25,8 @@ from api.app import DB_WAIT
 from engine.settings import Settings
 from engine.spec import L_ROLE, L_SANDBOX
 from engine.stacks import engine_objects, remove_labelled
-from tests.api_server import Engine
+from tests.api_server import Engine, prepare
 from tests.conftest import ROOT
-from tests.test_recovery import prepare
 
 LIVE = str(ROOT / "tests" / "fixtures" / "live-templates")
 

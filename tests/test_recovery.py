@@ -5,7 +5,6 @@ or the Pulumi backend."""
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import time
 from collections.abc import Iterator
@@ -13,32 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import httpx
 import psycopg
 import pytest
 
-from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import StackManager, remove_labelled
-from engine.store import Role, create_client
-from tests.api_server import Engine, wait_for_state
+from engine.stacks import remove_labelled
+from tests.api_server import (
+    Engine,
+    engine_http,
+    nothing_left,
+    prepare,
+    wait_for_event,
+    wait_for_state,
+)
 from tests.conftest import ROOT
-
-
-def prepare(database: str, tmp_path: Path, **settings: str) -> tuple[str, str, dict[str, str]]:
-    """A migrated database with a member key, a file backend in ``tmp_path``, and the
-    environment an engine process runs with: (key, backend URL, env)."""
-    migrate(database)
-    with psycopg.connect(database, autocommit=True) as conn:
-        _, key = create_client(conn, name="t", role=Role.MEMBER)
-    backend = f"file://{tmp_path}"
-    env = {
-        **os.environ,
-        "SANDBOX_DATABASE_URL": database,
-        "SANDBOX_PULUMI_BACKEND_URL": backend,
-        **settings,
-    }
-    return key, backend, env
 
 
 @pytest.fixture
@@ -58,36 +45,6 @@ def engine(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
             remove_labelled(sid)
 
 
-def _http(engine: Engine, key: str) -> httpx.Client:
-    return httpx.Client(
-        base_url=f"http://127.0.0.1:{engine.port}", headers={"X-API-Key": key}, timeout=60
-    )
-
-
-def _wait_for_event(database: str, sid: str, text: str, timeout: float = 120) -> None:
-    """Poll the events table (the SSE stream would hold the request open until the end)."""
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(database, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            found = conn.execute(
-                "SELECT 1 FROM sandbox_events WHERE sandbox_id = %s AND message LIKE %s",
-                (sid, f"%{text}%"),
-            ).fetchone()
-            if found:
-                return
-            time.sleep(0.05)
-    raise AssertionError(f"no event with {text!r}")
-
-
-def _nothing_left(docker_client: docker.DockerClient, settings: Settings, sid: str) -> None:
-    selector = {"label": f"io.sandbox-engine.sandbox={sid}"}
-    assert not docker_client.containers.list(all=True, filters=selector)
-    assert not docker_client.networks.list(filters=selector)
-    assert not docker_client.volumes.list(filters=selector)
-    assert f"sbx-{sid}" not in {s.name for s in StackManager(settings).list()}
-    assert not (ROOT / ".state" / "stacks" / f"Pulumi.sbx-{sid}.yaml").exists()
-
-
 def test_kill_during_create_and_during_destroy(
     engine: dict[str, Any], docker_client: docker.DockerClient, database: str
 ) -> None:
@@ -96,39 +53,39 @@ def test_kill_during_create_and_during_destroy(
 
     # 1. Killed while the containers are being created.
     proc.start()
-    with _http(proc, engine["key"]) as http:
+    with engine_http(proc, engine["key"]) as http:
         sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
-        _wait_for_event(database, sid, "create docker:index/container:Container")
+        wait_for_event(database, sid, "create docker:index/container:Container")
         proc.kill9()
     proc.start()
-    with _http(proc, engine["key"]) as http:
+    with engine_http(proc, engine["key"]) as http:
         body = http.get(f"/api/v1/sandboxes/{sid}").json()
         assert body["state"] == "failed" and "during the create; cleaned up" in body["error"], body
-    _nothing_left(docker_client, settings, sid)
+    nothing_left(docker_client, settings, sid)
 
     # 2. Killed while a running sandbox is being destroyed.
-    with _http(proc, engine["key"]) as http:
+    with engine_http(proc, engine["key"]) as http:
         sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
         deadline = time.monotonic() + 180
         while http.get(f"/api/v1/sandboxes/{sid}").json()["state"] != "running":
             assert time.monotonic() < deadline
             time.sleep(0.3)
         assert http.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
-        _wait_for_event(database, sid, "delete docker:index/container:Container")
+        wait_for_event(database, sid, "delete docker:index/container:Container")
         proc.kill9()
     proc.start()
-    with _http(proc, engine["key"]) as http:
+    with engine_http(proc, engine["key"]) as http:
         body = http.get(f"/api/v1/sandboxes/{sid}").json()
         assert body["state"] == "destroyed", body
         # Its archive was made before the kill, and is not made again.
         archives = http.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
         assert [a["reason"] for a in archives] == ["deleted"], archives
-    _nothing_left(docker_client, settings, sid)
+    nothing_left(docker_client, settings, sid)
 
     # 3. Killed after a delete was taken but before its archive was made: the sandbox is left
     # `destroying` with no archive (the row set as such a crash leaves it). The recovery
     # archives the workspace, then finishes the destroy.
-    with _http(proc, engine["key"]) as http:
+    with engine_http(proc, engine["key"]) as http:
         sid = http.post("/api/v1/sandboxes", json={"template": "backend-go"}).json()["id"]
         wait_for_state(http, sid, "running")
         workspace = http.get(f"/api/v1/sandboxes/{sid}").json()["workspace"]
@@ -142,7 +99,7 @@ def test_kill_during_create_and_during_destroy(
             "UPDATE sandboxes SET state = 'destroying', reason = 'request' WHERE id = %s", (sid,)
         )
     proc.start()
-    with _http(proc, engine["key"]) as http:
+    with engine_http(proc, engine["key"]) as http:
         wait_for_state(http, sid, "destroyed")
         [archive] = http.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
         assert (archive["reason"], archive["error"]) == ("deleted", None), archive
@@ -150,7 +107,7 @@ def test_kill_during_create_and_during_destroy(
         with tarfile.open(fileobj=io.BytesIO(got.content)) as tar:
             answer = tar.extractfile("home/coder/answer.txt")
             assert answer is not None and answer.read() == b"my answer\n"
-    _nothing_left(docker_client, settings, sid)
+    nothing_left(docker_client, settings, sid)
 
 
 def test_two_engine_processes_share_a_database(
@@ -170,7 +127,7 @@ def test_two_engine_processes_share_a_database(
     ids: list[str] = []
     try:
         first.start()
-        with _http(first, key) as http:
+        with engine_http(first, key) as http:
             for _ in range(3):
                 created = http.post("/api/v1/sandboxes", json={"template": "web", "ttl": "15s"})
                 assert created.status_code == 202, created.text
@@ -205,4 +162,4 @@ def test_two_engine_processes_share_a_database(
             remove_labelled(sid)
     settings = Settings(database_url=database, pulumi_backend_url=backend)
     for sid in ids:
-        _nothing_left(docker_client, settings, sid)
+        nothing_left(docker_client, settings, sid)

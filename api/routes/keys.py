@@ -28,5 +28,5 @@ async def list_keys(admin: AdminDep, service: ServiceDep) -> list[KeyPublic]:
 @router.delete("/{key_id}", status_code=204, responses={404: {}})
 async def revoke_key(key_id: KeyId, admin: AdminDep, service: ServiceDep) -> None:
     """Revoke at once: the next request with the key is refused."""
-    if not await service.db(store.revoke_client, key_id):
+    if not await service.revoke_key(key_id):
         raise HTTPException(404, f"no live key with id {key_id}")
