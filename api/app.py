@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import openapi, problems, redact, terminal
 from api.failures import AuthFailures
-from api.routes import access, archives, keys, ops, recordings, sandboxes, templates
+from api.routes import access, ai, archives, keys, ops, recordings, sandboxes, templates
 from engine import tokens
+from engine.ai import gateway as ai_gateway
 from engine.migrate import migrate
 from engine.reaper import Reaper
 from engine.service import SandboxService
@@ -105,6 +107,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.service = SandboxService(settings, pool, stacks, reads)
         await app.state.service.start()
         app.state.secret_key = tokens.secret_key(settings)
+        exits = contextlib.AsyncExitStack()
+        app.state.gateway = None
+        if settings.gateway_serve:
+            # The AI gateway on its own listener, in this event loop (engine/ai/gateway.py).
+            gateway = await exits.enter_async_context(ai_gateway.running(settings))
+            app.state.gateway = gateway
+            app.state.service.gateway_port = gateway.port
         # Sandboxes a previous engine process left mid-operation are settled first.
         await app.state.service.reconcile()
         reaper = None
@@ -118,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
             if reaper is not None:
                 reaper.cancel()
             await app.state.service.close()
+            await exits.aclose()
             await reads.close()
             await asyncio.to_thread(pool.close)
 
@@ -148,6 +158,7 @@ def create_app(settings: Settings) -> FastAPI:
         templates.router,
         keys.router,
         access.router,
+        ai.router,
         archives.router,
         recordings.router,
         terminal.router,

@@ -75,7 +75,7 @@ class TimelineEntry(BaseModel):
     at: datetime
     what: str = Field(
         description="created, task, running, terminal, idle, warned, extended, submitted, "
-        "archived, destroying, destroyed, expired, failed, repaired"
+        "archived, destroying, destroyed, expired, failed, repaired, ai (an AI exchange)"
     )
     detail: str
 
@@ -204,3 +204,62 @@ class ArchiveList(BaseModel):
 class SubmitReport(BaseModel):
     archive: ArchivePublic
     destroyed: bool = Field(description="the template destroys the sandbox on submit")
+
+
+class AiSession(BaseModel):
+    """One Claude Code session in the sandbox (its X-Claude-Code-Session-Id)."""
+
+    session_id: str | None
+    started_at: datetime
+    last_at: datetime
+    exchanges: int
+    refused: int
+    billed: int = Field(description="tokens billed against the budget (docs/claude.md)")
+    agents: list[str] = Field(description="subagents that took part")
+
+
+class AiUsage(BaseModel):
+    """The sandbox's Claude usage through the AI gateway, against its template's budget."""
+
+    sandbox_id: str
+    template: str
+    model: str | None = Field(description="the pinned model; none: any")
+    max_tokens: int = Field(description="the cap on one request's output")
+    budget_tokens: int
+    used_tokens: int = Field(
+        description="billed: input + cache creation + output + a tenth of cache reads"
+    )
+    input_tokens: int
+    output_tokens: int
+    cache_creation_tokens: int
+    cache_read_tokens: int
+    requests: int
+    refused: int
+    sessions: list[AiSession]
+    transcript: str = Field(description="where the conversation is read")
+
+
+class AiExchange(BaseModel):
+    """One request Claude Code made and its answer: the messages the request added (the
+    prompt, or the results of the tools the previous answer asked for) and the assembled
+    answer (text, thinking, tool_use with its input)."""
+
+    id: int
+    at: datetime
+    finished_at: datetime | None
+    session_id: str | None
+    agent_id: str | None = Field(description="a subagent's id; none: the main conversation")
+    side: bool = Field(description="a side call (a title, a summary), not the conversation")
+    model: str | None
+    status: int | None = Field(description="the answer's HTTP status; none while in flight")
+    refused: str | None = Field(description="why the gateway refused it: budget, model…")
+    usage: dict[str, int]
+    first_message: int = Field(description="index of messages[0] in the conversation")
+    messages: list[dict[str, Any]]
+    answer: dict[str, Any] | None
+    error: str | None
+
+
+class AiTranscript(BaseModel):
+    sandbox_id: str
+    items: list[AiExchange]

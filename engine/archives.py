@@ -3,9 +3,9 @@
 Before a sandbox is destroyed (expired, deleted) and on submit, the template's
 ``archive.paths`` are streamed out of the workspace container (Docker's archive endpoint, one
 tar per path) and re-packed, member by member, into one ``.tar.gz`` in ``archives_dir``: no
-archive is ever held in memory, owners and modes are kept, names are made absolute. The shared
-``claude-auth`` volume (the operator's Claude credentials) is left out, and said so in the
-archive's notes. A git repository found under the paths adds a summary: its log and its diff
+archive is ever held in memory, owners and modes are kept, names are made absolute. The
+candidate's AI transcript (engine/ai) goes in beside them, as ``sandbox-engine/ai-transcript.json``.
+A git repository found under the paths adds a summary: its log and its diff
 against the first commit, uncommitted and untracked files included, run as the workspace user.
 
 An archive never blocks a destroy for long: it is tried ``archive_attempts`` times (1 s, 2 s…
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import posixpath
 import secrets
@@ -36,9 +37,9 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from engine import store
+from engine.ai import store as ai_store
 from engine.errors import ConflictError, NotFoundError
 from engine.settings import Settings
-from engine.spec import CLAUDE_AUTH_VOLUME
 from engine.store import DestroyReason, SandboxRow
 from engine.templates import Archive
 
@@ -47,6 +48,8 @@ log = logging.getLogger("sandbox_engine.archives")
 # The archive reason of a destroy; destroys not listed are not archived (a pool sandbox's
 # recycling, an orphan's removal, a submit that archived already).
 REASONS = {DestroyReason.TTL: "expired", DestroyReason.REQUEST: "deleted"}
+# The candidate's AI transcript in the archive (usage and every exchange, as the API gives it).
+TRANSCRIPT_MEMBER = "sandbox-engine/ai-transcript.json"
 GIT_MAX = 256 * 1024  # bytes of git summary kept per repository
 MAX_REPOS = 5
 CHUNK = 1 << 20
@@ -174,27 +177,33 @@ class _Hashing:
         return self.out.write(data)
 
 
-def pack(workspace: str, paths: tuple[str, ...], dest: Path, *, deadline: float) -> Packed:
-    """Stream ``paths`` out of the container into ``dest`` (a .tar.gz). Blocking: run it in a
-    thread. Raises WorkspaceGone when the container does not exist."""
+def pack(
+    workspace: str,
+    paths: tuple[str, ...],
+    dest: Path,
+    *,
+    deadline: float,
+    extra: dict[str, bytes] | None = None,
+) -> Packed:
+    """Stream ``paths`` out of the container into ``dest`` (a .tar.gz), with ``extra`` files
+    (name: content) of the engine's beside them. Blocking: run it in a thread. Raises
+    WorkspaceGone when the container does not exist."""
     client = docker.from_env(timeout=DOCKER_TIMEOUT)
     try:
         try:
             container = client.containers.get(workspace)
         except docker.errors.NotFound:
             raise WorkspaceGone(f"the workspace container {workspace} is gone") from None
-        # The shared credentials volume belongs to the operator, not to the candidate's work.
-        shared = [
-            m["Destination"].rstrip("/")
-            for m in container.attrs.get("Mounts") or []
-            if m.get("Type") == "volume" and m.get("Name") == CLAUDE_AUTH_VOLUME
-        ]
         files = 0
         repos: list[str] = []
         notes: list[str] = []
         with dest.open("wb") as raw:
             out = _Hashing(raw)
             with tarfile.open(fileobj=out, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                for extra_name, content in (extra or {}).items():
+                    info = tarfile.TarInfo(extra_name)
+                    info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
+                    tar.addfile(info, io.BytesIO(content))
                 for path in paths:
                     try:
                         stream, _ = container.get_archive(path, chunk_size=CHUNK)
@@ -202,14 +211,10 @@ def pack(workspace: str, paths: tuple[str, ...], dest: Path, *, deadline: float)
                         notes.append(f"{path} does not exist")
                         continue
                     prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
-                    left_out = 0
                     with tarfile.open(fileobj=_Chunks(stream, deadline), mode="r|") as src:  # type: ignore[call-overload]
                         for member in src:
                             name = posixpath.join(prefix, member.name)
                             absolute = "/" + name
-                            if any(absolute == s or absolute.startswith(s + "/") for s in shared):
-                                left_out += 1
-                                continue
                             if member.isdir() and posixpath.basename(name) == ".git":
                                 repos.append(posixpath.dirname(absolute))
                             data = src.extractfile(member) if member.isreg() else None
@@ -218,11 +223,6 @@ def pack(workspace: str, paths: tuple[str, ...], dest: Path, *, deadline: float)
                                 member.linkname = posixpath.join(prefix, member.linkname)
                             tar.addfile(member, data)
                             files += member.isreg()
-                    if left_out:
-                        notes.append(
-                            f"left out {', '.join(shared)} (the shared Claude credentials,"
-                            f" {left_out} entries)"
-                        )
         return Packed(out.size, files, out.sha.hexdigest(), tuple(repos), tuple(notes))
     finally:
         client.close()
@@ -394,6 +394,8 @@ class Archiver:
         error: str | None = None
         retried = 0
         delay = 1.0
+        transcript: bytes | None = await self.db(ai_store.document, sandbox.id)
+        extra = {TRANSCRIPT_MEMBER: transcript} if transcript else None
         for attempt in range(1, settings.archive_attempts + 1):
             part = dest.with_name(dest.name + ".part")
             try:
@@ -401,7 +403,7 @@ class Archiver:
                     raise WorkspaceGone("the sandbox has no workspace container")
                 await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
                 packed = await asyncio.to_thread(
-                    pack, workspace, spec.paths, part, deadline=deadline
+                    pack, workspace, spec.paths, part, deadline=deadline, extra=extra
                 )
                 await asyncio.to_thread(part.rename, dest)
                 error = None

@@ -77,6 +77,8 @@ def _cmd_templates_validate(settings: Settings, args: argparse.Namespace) -> int
             print(f"{file}: cannot read: {exc.strerror}", file=sys.stderr)
         else:
             print(f"{file}: OK ({template.name})")
+            for warning in template.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -256,7 +258,7 @@ def _cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
             print(f"sandbox-engine: no live key with id {args.id}", file=sys.stderr)
             return 1
         path = settings.state_path / first_admin.FILE_NAME
-        if first_admin.forget_if_stale(conn, path):
+        if first_admin.forget_if_revoked(conn, path, args.id):
             print(f"{path} held it: removed")
     print(f"key {args.id} revoked")
     return 0
@@ -306,6 +308,61 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         service = getattr(app.state, "service", None)
         if service is not None:
             service.stacks.terminate_runs()
+    return 0
+
+
+def _cmd_gateway(settings: Settings, _: argparse.Namespace) -> int:
+    """The AI gateway as a process of its own (the compose file runs it on the host's network
+    beside the API), with its /metrics on 127.0.0.1 only."""
+    import asyncio
+    import signal
+
+    import uvicorn
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from engine.ai import gateway as ai_gateway
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with ai_gateway.running(settings) as gateway:
+            print(f"AI gateway on {settings.gateway_host}:{gateway.port}", flush=True)
+            metrics = None
+            if settings.gateway_metrics_port:
+
+                async def app(scope: Any, receive: Any, send: Any) -> None:
+                    if scope["type"] != "http":
+                        return
+                    found = scope["path"] == "/metrics"
+                    body = generate_latest(gateway.metrics.registry) if found else b""
+                    kind = CONTENT_TYPE_LATEST.encode()
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200 if found else 404,
+                            "headers": [(b"content-type", kind)],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+
+                metrics = ai_gateway.QuietServer(
+                    uvicorn.Config(
+                        app,
+                        host="127.0.0.1",
+                        port=settings.gateway_metrics_port,
+                        lifespan="off",
+                        log_level="warning",
+                    )
+                )
+                serving = asyncio.create_task(metrics.serve())
+            await stop.wait()
+            if metrics is not None:
+                metrics.should_exit = True
+                await serving
+
+    asyncio.run(main())
     return 0
 
 
@@ -451,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: SANDBOX_LISTEN_HOST)")
     serve.add_argument("--port", type=int, help="listen port (default: SANDBOX_LISTEN_PORT)")
     serve.set_defaults(func=_cmd_serve)
+    gateway = sub.add_parser(
+        "gateway",
+        help="run the AI gateway alone (when serve does not: SANDBOX_GATEWAY_SERVE=false)",
+    )
+    gateway.set_defaults(func=_cmd_gateway)
     return parser
 
 

@@ -11,7 +11,11 @@ Every bridge the engine makes is named ``sbx`` + 12 hex digits (``engine.spec.br
 so two chains matched by interface cover every sandbox whatever Docker's address pools are:
 
 - ``SANDBOX-INPUT`` (from INPUT, ``-i sbx+``): replies to connections the host opened
-  (Traefik to a published port) pass; anything new from a sandbox to the host is rejected.
+  (Traefik to a published port) pass, and new connections to the AI gateway's port
+  (``SANDBOX_GATEWAY_PORT``: Claude Code's only way to the model, with its sandbox's token);
+  anything else new from a sandbox to the host is rejected.
+- ``SANDBOX-GATEWAY`` (from INPUT, ``-p tcp --dport <gateway port>``): the gateway's port
+  answers sandboxes and the host itself (loopback) only, never another machine.
 - ``SANDBOX-FORWARD`` (from DOCKER-USER, the chain Docker leaves to operators and evaluates
   first): sandboxes cannot reach link-local addresses (169.254.0.0/16).
 
@@ -31,6 +35,7 @@ from engine.spec import BRIDGE_PREFIX
 
 INPUT_CHAIN = "SANDBOX-INPUT"
 FORWARD_CHAIN = "SANDBOX-FORWARD"
+GATEWAY_CHAIN = "SANDBOX-GATEWAY"
 IFACE = BRIDGE_PREFIX + "+"
 
 
@@ -52,22 +57,43 @@ class FirewallError(RuntimeError):
     pass
 
 
-def chain_rules(family: Family) -> dict[str, list[list[str]]]:
+def gateway_port(given: int | None = None) -> int:
+    """The AI gateway's port the rules admit: ``given``, or the settings' (0: none)."""
+    if given is not None:
+        return given
+    from engine.settings import Settings
+
+    return Settings().gateway_port
+
+
+def chain_rules(family: Family, port: int | None = None) -> dict[str, list[list[str]]]:
     """Each chain's rules, in order, as iptables arguments after ``-A <chain>``."""
+    port = gateway_port(port)
     reject = ["-j", "REJECT", "--reject-with", family.reject]
+    to_gateway = ["-p", "tcp", "-m", "tcp", "--dport", str(port)]
     rules = {
         INPUT_CHAIN: [
             ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
+            *([[*to_gateway, "-j", "ACCEPT"]] if port else []),
             reject,
         ]
     }
+    if port:
+        rules[GATEWAY_CHAIN] = [
+            ["-i", IFACE, "-j", "RETURN"],
+            ["-i", "lo", "-j", "RETURN"],
+            reject,
+        ]
     if family.link_local:
         rules[FORWARD_CHAIN] = [["-d", family.link_local, *reject]]
     return rules
 
 
-# Where each chain is entered from: (parent chain, match).
-JUMPS = {INPUT_CHAIN: "INPUT", FORWARD_CHAIN: "DOCKER-USER"}
+def jump(chain: str, port: int | None = None) -> tuple[str, list[str]]:
+    """Where a chain is entered from: (parent chain, the match that sends packets to it)."""
+    if chain == GATEWAY_CHAIN:
+        return "INPUT", ["-p", "tcp", "-m", "tcp", "--dport", str(gateway_port(port))]
+    return {INPUT_CHAIN: "INPUT", FORWARD_CHAIN: "DOCKER-USER"}[chain], ["-i", IFACE]
 
 
 def _run(family: Family, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -88,11 +114,19 @@ def families() -> list[Family]:
     return [f for f in FAMILIES if shutil.which(f.command)]
 
 
-def apply() -> list[str]:
-    """Install or refresh the chains and their jumps (idempotent); the lines changed."""
+def apply(port: int | None = None) -> list[str]:
+    """Install or refresh the chains and their jumps (idempotent); the lines changed. A jump
+    to the gateway's chain for another port (the setting changed) is removed."""
     done: list[str] = []
+    port = gateway_port(port)
     for family in families():
-        for chain, rules in chain_rules(family).items():
+        for stale in _gateway_jumps(family):
+            if stale != port:
+                _run(family, "-D", "INPUT", *jump(GATEWAY_CHAIN, stale)[1], "-j", GATEWAY_CHAIN)
+                done.append(
+                    f"{family.command}: INPUT no longer sends port {stale} to {GATEWAY_CHAIN}"
+                )
+        for chain, rules in chain_rules(family, port).items():
             if not _chain_is(family, chain, rules):
                 # Rewritten only when different: a flushed chain lets traffic through until
                 # it is filled again, so a periodic apply must not flush a correct one.
@@ -101,29 +135,42 @@ def apply() -> list[str]:
                 for rule in rules:
                     _run(family, "-A", chain, *rule)
                 done.append(f"{family.command}: chain {chain}")
-            parent = JUMPS[chain]
+            parent, match = jump(chain, port)
             _run(family, "-N", parent, check=False)  # DOCKER-USER before dockerd made it
-            jump = ["-i", IFACE, "-j", chain]
-            if _run(family, "-C", parent, *jump, check=False).returncode != 0:
-                _run(family, "-I", parent, "1", *jump)
-                done.append(f"{family.command}: {parent} -i {IFACE} -j {chain}")
+            sends = [*match, "-j", chain]
+            if _run(family, "-C", parent, *sends, check=False).returncode != 0:
+                _run(family, "-I", parent, "1", *sends)
+                done.append(f"{family.command}: {parent} {' '.join(sends)}")
     return done
 
 
-def problems() -> list[str]:
+def _gateway_jumps(family: Family) -> list[int]:
+    """Ports INPUT sends to the gateway's chain now."""
+    listed = _run(family, "-S", "INPUT", check=False).stdout.splitlines()
+    ports = []
+    for line in listed:
+        words = line.split()
+        if f"{GATEWAY_CHAIN}" in words and "--dport" in words:
+            ports.append(int(words[words.index("--dport") + 1]))
+    return ports
+
+
+def problems(port: int | None = None) -> list[str]:
     """What is missing or different from the rules above; empty when the host is covered."""
     found: list[str] = []
+    port = gateway_port(port)
     for family in families():
-        for chain, rules in chain_rules(family).items():
+        for chain, rules in chain_rules(family, port).items():
             if _run(family, "-S", chain, check=False).returncode != 0:
                 found.append(f"{family.command}: chain {chain} is missing")
                 continue
             if not _chain_is(family, chain, rules):
                 found.append(f"{family.command}: chain {chain} has other rules")
-            parent = JUMPS[chain]
-            jump = ["-i", IFACE, "-j", chain]
-            if _run(family, "-C", parent, *jump, check=False).returncode != 0:
-                found.append(f"{family.command}: {parent} does not send {IFACE} to {chain}")
+            parent, match = jump(chain, port)
+            if _run(family, "-C", parent, *match, "-j", chain, check=False).returncode != 0:
+                found.append(
+                    f"{family.command}: {parent} does not send {' '.join(match)} to {chain}"
+                )
     return found
 
 
@@ -142,12 +189,11 @@ def normalise(rule: str) -> str:
     return " ".join(sorted(rule.replace(",", " ").split()))
 
 
-def remove() -> None:
+def remove(port: int | None = None) -> None:
     for family in families():
-        for chain in chain_rules(family):
-            parent = JUMPS[chain]
-            jump = ["-i", IFACE, "-j", chain]
-            while _run(family, "-C", parent, *jump, check=False).returncode == 0:
-                _run(family, "-D", parent, *jump)
+        for chain in chain_rules(family, port):
+            parent, match = jump(chain, port)
+            while _run(family, "-C", parent, *match, "-j", chain, check=False).returncode == 0:
+                _run(family, "-D", parent, *match, "-j", chain)
             _run(family, "-F", chain, check=False)
             _run(family, "-X", chain, check=False)

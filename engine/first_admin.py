@@ -5,7 +5,7 @@ it before it starts (``settle``): a file whose key this database does not know a
 — revoked, or made for another database — is removed; when no admin key that someone holds
 exists, one is made and written (0600, never to a log); when admin keys exist but the file is
 gone, the one command that makes a key is printed. Revoking the key the file holds removes the
-file (``forget_if_stale``).
+file (``forget_if_revoked``).
 """
 
 from __future__ import annotations
@@ -37,8 +37,21 @@ def holds_live_admin(conn: psycopg.Connection, path: Path) -> bool:
 
 
 def forget_if_stale(conn: psycopg.Connection, path: Path) -> bool:
-    """Remove the file unless it holds a live admin key of this database; True if removed."""
+    """Remove the file unless it holds a live admin key of this database; True if removed.
+    Only for the engine that owns the database and the file (``serve`` at its start)."""
     if path.exists() and not holds_live_admin(conn, path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return True
+    return False
+
+
+def forget_if_revoked(conn: psycopg.Connection, path: Path, client_id: int) -> bool:
+    """Remove the file when it holds the key of ``client_id`` (just revoked); True if removed.
+    A file of another key — another database's, say — is left alone."""
+    key = _read(path)
+    row = conn.execute("SELECT key_hash FROM api_clients WHERE id = %s", (client_id,)).fetchone()
+    if key and row and bytes(row[0]) == store.hash_key(key):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return True

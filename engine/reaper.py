@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from engine import recordings, store
+from engine.ai import store as ai_store
 from engine.service import SandboxService
 from engine.store import DestroyReason, SandboxRow
 
@@ -117,6 +118,11 @@ class Reaper:
             ),
         )
         await self._step("expired archives", self.service.archiver.prune(now))
+        # AI transcripts go with the terminal sessions they sit beside (recording_retention).
+        await self._step(
+            "old AI transcripts",
+            self.service.db(ai_store.prune, now=now, retention=settings.recording_retention),
+        )
         return [row.id for row in claimed]
 
     @staticmethod

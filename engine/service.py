@@ -25,6 +25,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from engine import archives, first_admin, store, tasks, workers
+from engine.ai import store as ai_store
+from engine.ai import workspace as ai_workspace
 from engine.errors import ConflictError, EngineError, Interrupted, NotFoundError, describe
 from engine.settings import Settings
 from engine.stacks import StackManager, container_states, engine_objects, labelled_objects
@@ -132,6 +134,10 @@ class SandboxService:
         # Templates whose last pool create failed, and until when refills of it wait.
         self._pool_backoff: dict[str, float] = {}
         self.lease = workers.WorkerLease(settings.database_url.get_secret_value())
+        # Where sandboxes reach the AI gateway (its actual port once it listens: 0 asks for
+        # any free one), and the operator's saved Claude Code config, read once a minute.
+        self.gateway_port = settings.gateway_port
+        self.operator_config = ai_workspace.OperatorConfig()
         self.archiver = archives.Archiver(settings, self.db)
 
     async def start(self) -> None:
@@ -272,7 +278,8 @@ class SandboxService:
         def apply(conn: psycopg.Connection) -> bool:
             if not store.revoke_client(conn, key_id):
                 return False
-            first_admin.forget_if_stale(conn, self.settings.state_path / first_admin.FILE_NAME)
+            path = self.settings.state_path / first_admin.FILE_NAME
+            first_admin.forget_if_revoked(conn, path, key_id)
             return True
 
         revoked: bool = await self.db(apply)
@@ -370,6 +377,11 @@ class SandboxService:
             if not full:
                 self._pending_creates -= 1
             self._spawn(self.refill_pool(template.name))
+            try:  # its gateway token is the claimer's: minted now
+                await self._set_up_claude(row, template, row.outputs or {}, first=False)
+            except Exception as exc:
+                log.warning("sandbox %s: Claude Code could not be set up: %s", row.id, exc)
+                await self._event(row.id, "progress", f"claude: not set up: {describe(exc)}")
             return row, True
         self._spawn(
             self._create_job(
@@ -591,6 +603,12 @@ class SandboxService:
                 sandbox_id, SandboxState.FAILED, error=f"repair failed: {describe(exc)[:1900]}"
             )
             return
+        row: SandboxRow | None = await self.db(store.get_sandbox, sandbox_id)
+        if row is not None:
+            try:  # a recreated workspace has new addresses and lost its managed settings
+                await self._set_up_claude(row, self.template(row.template), outputs, first=False)
+            except Exception as exc:
+                log.warning("sandbox %s: Claude Code not set up again: %s", sandbox_id, exc)
         await self._finish(sandbox_id, SandboxState.RUNNING, outputs=outputs)
 
     # --- the warm pool -----------------------------------------------------------------------
@@ -750,6 +768,7 @@ class SandboxService:
                 "UPDATE sandboxes SET state = %s, error = %s, destroyed_at = now() WHERE id = %s",
                 (state.value, error, sandbox_id),
             )
+            ai_store.revoke(conn, sandbox_id)
             store.add_event(conn, sandbox_id, "state", f"{state.value}: {error}")
 
         await self.db(apply)
@@ -816,10 +835,10 @@ class SandboxService:
             if row.owner_id is None:  # a pool create: wait before trying this template again
                 self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
             return
-        if template.task is not None:
-            # Seeded before the sandbox is offered (a pool sandbox is claimed ready to work).
-            seeding = self._progress(row.id, "task")
-            try:
+        # Seeded and set up before the sandbox is offered (a pool sandbox is claimed ready).
+        seeding = self._progress(row.id, "task")
+        try:
+            if template.task is not None:
                 await asyncio.to_thread(
                     tasks.seed,
                     template,
@@ -828,27 +847,91 @@ class SandboxService:
                     seeding,
                 )
                 await seeding.written()  # its last line is in the events before `running`
-            except Exception as exc:
-                if await self._left_for_recovery(row.id, "create", exc):
-                    return
-                log.warning("sandbox %s: task seeding failed: %s", row.id, exc)
-                try:
-                    await self._stack_op(
-                        self.stacks.destroy, row.id, progress=self._progress(row.id)
-                    )
-                    error = f"{describe(exc)}; cleaned up"
-                except Exception as cleanup:
-                    if await self._left_for_recovery(row.id, "create", cleanup):
-                        return
-                    error = f"{describe(exc)}; the cleanup failed too: {describe(cleanup)}"
-                await self._finish(row.id, SandboxState.FAILED, error=error[:2000])
-                if row.owner_id is None:
-                    self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
+            await self._set_up_claude(row, template, outputs, first=True)
+        except Exception as exc:
+            if await self._left_for_recovery(row.id, "create", exc):
                 return
+            log.warning("sandbox %s: setting it up failed: %s", row.id, exc)
+            try:
+                await self._stack_op(self.stacks.destroy, row.id, progress=self._progress(row.id))
+                error = f"{describe(exc)}; cleaned up"
+            except Exception as cleanup:
+                if await self._left_for_recovery(row.id, "create", cleanup):
+                    return
+                error = f"{describe(exc)}; the cleanup failed too: {describe(cleanup)}"
+            await self._finish(row.id, SandboxState.FAILED, error=error[:2000])
+            if row.owner_id is None:
+                self._pool_backoff[row.template] = time.monotonic() + POOL_BACKOFF
+            return
         ready = SandboxState.POOLED if row.owner_id is None else SandboxState.RUNNING
         await self._finish(row.id, ready, outputs=outputs)
         if row.owner_id is None:
             self._pool_backoff.pop(row.template, None)
+
+    async def _set_up_claude(
+        self, row: SandboxRow, template: Template, outputs: dict[str, Any], *, first: bool
+    ) -> None:
+        """Claude Code in the workspace (engine/ai/workspace.py). ``first`` (at create): the
+        first screen in the home, and for operator-login the copy of the login. With
+        ``access: gateway`` and an owner (a cold create, a claim, a repair): a new token of
+        this sandbox, good from its own addresses only, in root's managed settings."""
+        claude = template.claude
+        workspace = str(outputs.get("workspace") or "")
+        if not workspace:
+            return
+        grant = claude.access == "gateway" and row.owner_id is not None
+        token = None
+        if grant:
+            attrs = await asyncio.to_thread(_inspect, workspace)
+            place = ai_workspace.place(attrs, str(outputs.get("network") or ""))
+            token = await self.db(
+                ai_store.mint,
+                sandbox_id=row.id,
+                owner_id=row.owner_id,
+                template=template.name,
+                model=claude.model,
+                max_tokens=claude.max_tokens,
+                budget_tokens=claude.budget_tokens,
+                addresses=list(place.addresses),
+            )
+            base_url = f"http://{place.host}:{self.gateway_port}"
+
+        def write() -> None:
+            client = docker.from_env(timeout=30)
+            try:
+                home = saved = credentials = None
+                if first:
+                    home = ai_workspace.home_of(client, workspace, template.workspace.user)
+                    saved = self.operator_config.config(client, template.base_image)
+                    if claude.access == "operator-login":
+                        credentials = ai_workspace.read_volume_file(
+                            client, template.base_image, ".credentials.json"
+                        )
+                env = (
+                    ai_workspace.gateway_env(template, base_url=base_url, token=token)
+                    if token
+                    else None
+                )
+                ai_workspace.configure(
+                    client,
+                    workspace,
+                    template,
+                    env=env,
+                    home=home,
+                    saved=saved,
+                    credentials=credentials,
+                )
+            finally:
+                client.close()
+
+        await asyncio.to_thread(write)
+        if grant:
+            await self._event(
+                row.id,
+                "progress",
+                f"claude: through the AI gateway, budget {claude.budget_tokens:,} tokens"
+                + (f", model {claude.model}" if claude.model else ""),
+            )
 
     async def _destroy_job(self, sandbox_id: str, reason: DestroyReason) -> None:
         """Archive, destroy the stack; when the destroy fails, clean up what is left directly
@@ -1012,6 +1095,15 @@ class SandboxService:
         if len(window) >= self.settings.creates_per_minute:
             raise QuotaExceeded(f"more than {self.settings.creates_per_minute} creates a minute")
         window.append(now)
+
+
+def _inspect(container: str) -> dict[str, Any]:
+    client = docker.from_env(timeout=30)
+    try:
+        attrs: dict[str, Any] = client.api.inspect_container(container)
+        return attrs
+    finally:
+        client.close()
 
 
 def format_duration_short(seconds: int) -> str:

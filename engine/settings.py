@@ -117,6 +117,35 @@ class Settings(BaseSettings):
     # Seconds all attempts at one archive may take together (plus one Docker call's 30 s).
     archive_timeout: float = Field(default=120, ge=1, le=3600)
 
+    # The AI gateway (docs/claude.md): Claude Code in sandboxes reaches the model through it,
+    # with a token good for its sandbox alone. Its port (0: any free port, for tests; the host
+    # firewall admits sandboxes to this port and nothing else of the host).
+    gateway_port: int = Field(default=8790, ge=0, le=65535)
+    # Address it listens on: every address, since sandboxes reach it on their networks'
+    # gateway addresses (the host firewall keeps it from everything but sandboxes and lo).
+    gateway_host: str = "0.0.0.0"  # noqa: S104
+    # `serve` runs the gateway itself; false where `sandbox-engine gateway` runs it apart
+    # (the compose file: on the host's network, holding the upstream credential alone).
+    gateway_serve: bool = True
+    # Port of a separate gateway's /metrics, on 127.0.0.1 only (0: none).
+    gateway_metrics_port: int = Field(default=8791, ge=0, le=65535)
+    # Where the gateway forwards to, and the operator's Anthropic Console API key it sends
+    # (x-api-key). Never logged, never in an answer, a row, a sandbox or the Pulumi state.
+    anthropic_upstream: str = "https://api.anthropic.com"
+    anthropic_api_key: SecretStr = SecretStr("")
+    # Bytes of one request body the gateway takes (the Messages API's own limit is 32 MB).
+    gateway_max_body: int = Field(default=32 * 2**20, ge=2**16, le=2**30)
+    # Seconds an answer's stream may stay silent before the gateway gives it up.
+    gateway_stream_timeout: float = Field(default=600, ge=5, le=3600)
+
+    @field_validator("anthropic_upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"anthropic_upstream must be an http(s):// URL, got {value!r}")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: SecretStr) -> SecretStr:

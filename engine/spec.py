@@ -17,6 +17,8 @@ SANDBOX_ID = re.compile(r"^[a-z0-9]{6,20}$")
 DOMAIN = re.compile(
     r"^(?=.{1,200}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
 )
+# The operator's saved Claude Code config (config.json): read by the engine when it sets up a
+# sandbox's Claude Code (engine/ai/workspace.py), never mounted into a sandbox.
 CLAUDE_AUTH_VOLUME = "claude-auth"
 # Every bridge the engine makes (each sandbox's network, the edge network) gets a Linux
 # interface named BRIDGE_PREFIX + 12 hex digits, so the host firewall (engine/firewall.py) can
@@ -117,7 +119,6 @@ class SandboxSpec:
     network: str
     bridge: str  # the network's Linux interface name (bridge_name)
     volumes: tuple[str, ...]  # volumes the stack owns (destroyed with it)
-    shared_volumes: tuple[str, ...]  # volumes the stack only mounts (claude-auth)
     containers: tuple[ContainerSpec, ...]
     endpoints: tuple[Endpoint, ...]
     labels: dict[str, str]
@@ -194,9 +195,8 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
             env["REDIS_URL"] = "redis://redis:6379/0"
 
     ws = template.workspace
+    # The home is the sandbox's own, ~/.claude in it: nothing of Claude Code is shared.
     mounts = [Mount(f"{prefix}-home", "/home/coder")]
-    if template.claude_auth:
-        mounts.append(Mount(CLAUDE_AUTH_VOLUME, "/home/coder/.claude"))
     ws_labels = labels("workspace", template.pids_limit)
     endpoints = []
     for e in template.expose:
@@ -237,7 +237,6 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         network=f"{prefix}-net",
         bridge=bridge_name(f"{prefix}-net"),
         volumes=(f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services)),
-        shared_volumes=(CLAUDE_AUTH_VOLUME,) if template.claude_auth else (),
         containers=(workspace, *services),
         endpoints=tuple(endpoints),
         labels=common,

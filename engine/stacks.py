@@ -43,7 +43,6 @@ from engine.pulumi_cli import PulumiInterrupted, describe_command_error
 from engine.settings import Settings
 from engine.spec import (
     BRIDGE_NAME_OPTION,
-    CLAUDE_AUTH_VOLUME,
     L_ENGINE,
     L_MANAGED,
     L_SANDBOX,
@@ -330,19 +329,6 @@ class StackManager:
 
         return on_event
 
-    def _ensure_shared_volume(self) -> None:
-        """claude-auth outlives every sandbox: made once, never part of a stack."""
-        client = docker.from_env(timeout=30)
-        try:
-            client.volumes.get(CLAUDE_AUTH_VOLUME)
-        except docker.errors.NotFound:
-            client.volumes.create(
-                CLAUDE_AUTH_VOLUME,
-                labels={L_MANAGED: MANAGED_BY, "io.sandbox-engine.shared": "true"},
-            )
-        finally:
-            client.close()
-
     # --- operations ------------------------------------------------------------------------
 
     def create(
@@ -372,8 +358,6 @@ class StackManager:
                 self._write_config(
                     name, self._config(template, sandbox_id, owner, templates_dir, env)
                 )
-                if template.claude_auth:
-                    self._ensure_shared_volume()
                 if any(e.public for e in template.expose):
                     ensure_edge_network(self.settings.edge_network, self.settings.edge_subnet)
                 self._cli(

@@ -19,6 +19,8 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
+from engine.ai import store as ai_store
+
 # JSONB (sandbox outputs and metadata, decoded for every row a list returns) through orjson.
 set_json_loads(orjson.loads)
 set_json_dumps(orjson.dumps)
@@ -375,7 +377,12 @@ def transition(
                 "outputs": Jsonb(outputs) if outputs is not None else None,
             },
         )
-        return cur.fetchone()
+        row = cur.fetchone()
+    if row is not None and to not in (SandboxState.RUNNING, SandboxState.REPAIRING):
+        # A sandbox leaving its life (destroyed, expired, failed) takes its AI gateway token
+        # along, in the same transaction (the gateway refuses a sandbox not running anyway).
+        ai_store.revoke(conn, sandbox_id)
+    return row
 
 
 def extend(conn: psycopg.Connection, sandbox_id: str, *, expires_at: datetime) -> SandboxRow | None:

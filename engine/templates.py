@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -80,6 +81,28 @@ class Submit:
     destroy: bool = False
 
 
+CLAUDE_ACCESS = ("gateway", "none", "operator-login")
+MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,99}$")
+MAX_CLAUDE_SETTINGS = 16 * 1024  # bytes of the template's managed settings, as JSON
+MAX_BUDGET = 10**10
+
+
+@dataclass(frozen=True)
+class Claude:
+    """How Claude Code in the sandbox reaches the model (docs/claude.md). ``gateway``: through
+    the engine's AI gateway with a token good for this sandbox alone, within ``budget_tokens``
+    (engine/ai/budget.py), ``max_tokens`` a request, the pinned ``model`` if one is set;
+    ``none``: no access is configured; ``operator-login``: a copy of the operator's own
+    Claude Code login in the sandbox (it exposes it to whoever has the shell: never for
+    candidates). ``settings`` become root-owned managed settings the candidate cannot change."""
+
+    access: str = "gateway"
+    model: str | None = None
+    budget_tokens: int = 2_000_000
+    max_tokens: int = 32_000
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -93,7 +116,7 @@ class Template:
     expose: tuple[Expose, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     workspace: Workspace = Workspace()
-    claude_auth: bool = True
+    claude: Claude = Claude()
     description: str = ""
     source: str = ""  # the file it came from
     # Sandboxes kept created ahead (the warm pool): a create claims one in milliseconds.
@@ -104,6 +127,8 @@ class Template:
     recording: Recording = Recording()
     archive: Archive = Archive()
     submit: Submit = Submit()
+    # Fields of an older format, still read, each with the field that replaces it.
+    warnings: tuple[str, ...] = ()
 
 
 DEFAULT_PIDS_LIMIT = 1024
@@ -233,6 +258,7 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         "expose",
         "env",
         "workspace",
+        "claude",
         "claude_auth",
         "pool",
         "task",
@@ -375,10 +401,6 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
     if ws_values:
         workspace = Workspace(**{k: v for k, v in ws_values.items() if v})
 
-    claude_auth = raw.get("claude_auth", True)
-    if not isinstance(claude_auth, bool):
-        fail("claude_auth", "must be true or false")
-        claude_auth = True
     pool = raw.get("pool", 0)
     if not isinstance(pool, int) or isinstance(pool, bool) or not 0 <= pool <= MAX_POOL:
         fail("pool", f"must be a whole number from 0 to {MAX_POOL}")
@@ -454,6 +476,8 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
     archive = Archive(paths=tuple(str(p) for p in paths), retention=retention)
     raw_submit = section("submit", ("destroy",))
     submit = Submit(destroy=flag("submit.destroy", raw_submit.get("destroy"), False))
+    warnings: list[str] = []
+    claude = _claude(raw, section, fail, warnings, lambda p: lines.line(p), file)
 
     if problems:
         raise TemplateError(file, problems)
@@ -470,7 +494,7 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         expose=tuple(exposes),
         env=env,
         workspace=workspace,
-        claude_auth=claude_auth,
+        claude=claude,
         description=description.strip(),
         source=file,
         pool=pool,
@@ -478,6 +502,70 @@ def validate(raw: Any, lines: _Lines, file: str) -> Template:
         recording=recording,
         archive=archive,
         submit=submit,
+        warnings=tuple(warnings),
+    )
+
+
+def _claude(
+    raw: dict[str, Any],
+    section: Any,
+    fail: Any,
+    warnings: list[str],
+    line_of: Any,
+    file: str,
+) -> Claude:
+    """The ``claude:`` section; the older ``claude_auth: true|false`` still reads, as
+    ``access: gateway`` or ``none``, with a deprecation warning."""
+    default = Claude()
+    if "claude_auth" in raw:
+        old = raw["claude_auth"]
+        if "claude" in raw:
+            fail("claude_auth", "is replaced by claude.access: keep only the claude section")
+        elif not isinstance(old, bool):
+            fail("claude_auth", "must be true or false (deprecated: use claude.access)")
+        else:
+            access = "gateway" if old else "none"
+            warnings.append(
+                f"{file}:{line_of('claude_auth')}: claude_auth is deprecated: write"
+                f" 'claude: {{access: {access}}}' (credentials no longer enter a sandbox:"
+                " docs/claude.md)"
+            )
+            return Claude(access=access)
+    given = section("claude", ("access", "model", "budget_tokens", "max_tokens", "settings"))
+    access = given.get("access", default.access)
+    if access not in CLAUDE_ACCESS:
+        fail("claude.access", f"must be one of {', '.join(CLAUDE_ACCESS)}")
+        access = default.access
+    model = given.get("model")
+    if model is not None and (not isinstance(model, str) or not MODEL.match(model)):
+        fail("claude.model", "must be a model name such as claude-sonnet-4-5")
+        model = None
+
+    def whole(path: str, value: Any, low: int, high: int, fallback: int) -> int:
+        if value is None:
+            return fallback
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            fail(path, f"must be a whole number from {low:,} to {high:,}")
+            return fallback
+        return value
+
+    budget_tokens = whole(
+        "claude.budget_tokens", given.get("budget_tokens"), 1, MAX_BUDGET, default.budget_tokens
+    )
+    max_tokens = whole("claude.max_tokens", given.get("max_tokens"), 1, 128_000, default.max_tokens)
+    settings = given.get("settings") or {}
+    if not isinstance(settings, dict):
+        fail("claude.settings", "must be a mapping (Claude Code's settings.json fields)")
+        settings = {}
+    elif len(json.dumps(settings)) > MAX_CLAUDE_SETTINGS:
+        fail("claude.settings", f"is over {MAX_CLAUDE_SETTINGS} bytes as JSON")
+        settings = {}
+    return Claude(
+        access=access,
+        model=model,
+        budget_tokens=budget_tokens,
+        max_tokens=max_tokens,
+        settings=settings,
     )
 
 

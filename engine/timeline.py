@@ -2,7 +2,8 @@
 
 Events are the record (``sandbox_events``); the timeline keeps the ones a person reviewing a
 candidate cares about, each as (when, what, detail): created, task seeded, running, terminal
-connected/disconnected, idle periods, warned, extended, submitted, archived, destroying,
+connected/disconnected, idle periods, the candidate's AI exchanges (their prompts, the tools the
+model asked for, its answers: engine/ai), warned, extended, submitted, archived, destroying,
 destroyed or expired. Resource-level progress lines are left out, and of a task's lines only
 the first (what was copied).
 """
@@ -52,6 +53,7 @@ def entry(event: Event, seen_task: bool) -> Entry | None:
         "submit": "submitted",
         "archive": "archived",
         "repair": "repaired",
+        "ai": "ai",
     }
     if kind in named:
         return Entry(event.at, named[kind], text)

@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Engines started by tests keep no stack reserve unless a test asks for one: reserved stacks
 # outlive an engine by design, and tests end with nothing of theirs left.
 os.environ.setdefault("SANDBOX_STACK_RESERVE", "0")
+# Terminal recordings and the key that signs candidate tokens: the run's own, not the
+# checkout's (.state/recordings, .state/secret-key).
+if "SANDBOX_RECORDINGS_DIR" not in os.environ:
+    os.environ["SANDBOX_RECORDINGS_DIR"] = tempfile.mkdtemp(prefix="sandbox-test-recordings-")
+    RUN_RECORDINGS: str | None = os.environ["SANDBOX_RECORDINGS_DIR"]
+else:
+    RUN_RECORDINGS = None
+os.environ.setdefault("SANDBOX_SECRET_KEY", secrets.token_urlsafe(32))
 # Every destroy archives the workspace: tests' archives go to a folder of the run (the
 # controller's, inherited by the workers), removed at its end, not to the checkout's .state/.
 if "SANDBOX_ARCHIVES_DIR" not in os.environ:
@@ -34,6 +42,9 @@ else:
 # An engine a test stops waits for its jobs as long as they take (tests end with nothing of
 # theirs left); the stop tests set their own bound.
 os.environ.setdefault("SANDBOX_STOP_TIMEOUT", "600")
+# The AI gateway's port (8790) is one per host: engines of tests do not listen on it, except
+# those of the AI tests, which take it in turn (tests/gateway_lock.py).
+os.environ.setdefault("SANDBOX_GATEWAY_SERVE", "false")
 # The checkout's first admin key is the newcomer's: no test may write it (their engines keep
 # their state in folders of their own). The session ends by checking it was left as it was.
 FIRST_ADMIN_KEY = ROOT / ".state" / "first-admin-key"
@@ -88,8 +99,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     runs once, in the controller, after every worker has finished."""
     if hasattr(session.config, "workerinput"):
         return
-    if RUN_ARCHIVES:
-        shutil.rmtree(RUN_ARCHIVES, ignore_errors=True)
+    for folder in (RUN_ARCHIVES, RUN_RECORDINGS):
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
     if _fingerprint(FIRST_ADMIN_KEY) != FIRST_ADMIN_KEY_AT_START:
         session.config.get_terminal_writer().line(
             f"FAILED: a test wrote or removed {FIRST_ADMIN_KEY}", red=True

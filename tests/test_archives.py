@@ -97,7 +97,7 @@ def test_an_expired_sandbox_is_archived_with_its_git_diff(
     assert (archive["reason"], archive["error"]) == ("expired", None), archive
     assert "+a change" in archive["git"] and "+my answer" in archive["git"], archive["git"]
     assert "answer.txt" in archive["git"]
-    assert "/home/coder/.claude" in archive["notes"]  # the shared credentials: left out, said so
+    assert archive["notes"] is None  # nothing left out: no credential is in a sandbox
     got = api.get(archive["download"])
     assert got.headers["content-type"] == "application/gzip"
     assert f"sandbox-{sid}-expired-" in got.headers["content-disposition"]
@@ -110,7 +110,10 @@ def test_an_expired_sandbox_is_archived_with_its_git_diff(
         body = tar.extractfile(answer)
         assert body is not None and body.read() == b"my answer\n"
     assert "home/coder/workspace/.git/HEAD" in members
-    assert not any(n.startswith("home/coder/.claude/") for n in members)
+    # The sandbox's own Claude Code state is the candidate's: archived with the home. It
+    # never used the AI gateway: no transcript beside it.
+    assert "home/coder/.claude.json" in members
+    assert "sandbox-engine/ai-transcript.json" not in members
     assert archive["files"] == sum(m.isreg() for m in members.values())
     assert any("archived: " in e and "(expired)" in e for e in _events(api, sid))
     assert leftovers(docker_client, f"sbx-{sid}") == []

@@ -78,6 +78,16 @@ MATRIX: dict[tuple[str, str], tuple[str, tuple[int | str, ...]]] = {
         "/api/v1/sandboxes/{sid}/recordings/{recording}",
         (401, 200, 404, 200, 401, 401, 401),
     ),
+    # The AI record (usage, transcript) is the reviewer's: the owner's and admins', never a
+    # candidate token's.
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/ai"): (
+        "/api/v1/sandboxes/{sid}/ai",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
+    ("GET", "/api/v1/sandboxes/{sandbox_id}/ai/transcript"): (
+        "/api/v1/sandboxes/{sid}/ai/transcript",
+        (401, 200, 404, 200, 401, 401, 401),
+    ),
     # Archives are for keys only; a submit by the owner, an admin, or the sandbox's own token
     # (bob's token submits his recorded-only sandbox: its failed archive is the report).
     ("GET", "/api/v1/sandboxes/{sandbox_id}/archives"): (

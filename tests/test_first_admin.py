@@ -136,6 +136,10 @@ def test_a_file_of_a_live_admin_key_is_kept(database: str, tmp_path: Path) -> No
         key = path.read_text()
         assert "holds a live admin key" in first_admin.settle(conn, path)
         assert path.read_text() == key
+        # Revoking another key (a colleague's, or one of another database) leaves it alone.
+        other, _ = create_client(conn, name="other", role=Role.ADMIN)
+        assert not first_admin.forget_if_revoked(conn, path, other.id)
+        assert path.read_text() == key
         # A member's key in the file (copied by hand) is no admin's: removed, then the hint
         # (an admin someone holds exists: the first one).
         _, member = create_client(conn, name="m", role=Role.MEMBER)

@@ -44,7 +44,6 @@ EXPECTED = {
         network="sbx-abc123-net",
         bridge=bridge_name("sbx-abc123-net"),
         volumes=("sbx-abc123-home",),
-        shared_volumes=("claude-auth",),
         containers=(
             ContainerSpec(
                 key="workspace",
@@ -56,10 +55,8 @@ EXPECTED = {
                 pids_limit=1024,
                 labels=labels("minimal", "workspace", 1024),
                 env={"SANDBOX_ID": "abc123", "SHELL": "/bin/bash"},
-                mounts=(
-                    Mount("sbx-abc123-home", "/home/coder"),
-                    Mount("claude-auth", "/home/coder/.claude"),
-                ),
+                # The home is the sandbox's own; nothing of Claude Code is mounted from outside.
+                mounts=(Mount("sbx-abc123-home", "/home/coder"),),
                 aliases=("workspace",),
                 user="coder",
                 workdir="/home/coder/workspace",
@@ -76,7 +73,6 @@ EXPECTED = {
         network="sbx-abc123-net",
         bridge=bridge_name("sbx-abc123-net"),
         volumes=("sbx-abc123-home", "sbx-abc123-postgres-data", "sbx-abc123-redis-data"),
-        shared_volumes=(),
         containers=(
             ContainerSpec(
                 key="workspace",

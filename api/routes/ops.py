@@ -42,7 +42,8 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: sandboxes by state, HTTP requests by route and status."""
+    """Prometheus text format: sandboxes by state, HTTP requests by route and status, and the AI
+    gateway's requests, tokens and refusals and the latency it adds (when this process runs it)."""
     service: SandboxService = request.app.state.service
     registry = CollectorRegistry()
     gauge = Gauge("sandbox_engine_sandboxes", "Sandboxes by state", ["state"], registry=registry)
@@ -52,4 +53,7 @@ async def metrics(request: Request) -> Response:
     for state, count in rows:
         gauge.labels(state=state).set(count)
     body = generate_latest(registry) + generate_latest(request.app.state.http_registry)
+    gateway = request.app.state.gateway
+    if gateway is not None:  # served by this process: its tokens, requests, refusals, latency
+        body += generate_latest(gateway.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,7 +1,9 @@
 #!/bin/bash
-# Workspace entrypoint: make the home and the Claude credentials usable by coder, skip Claude
-# Code's onboarding when a saved config exists, then run the command (by default: sleep, so the
-# container idles at no CPU cost while terminals attach with docker exec).
+# Workspace entrypoint: make the home usable by coder, then run the command (by default: sleep,
+# so the container idles at no CPU cost while terminals attach with docker exec). Claude Code
+# is set up by the engine after the container starts (root's managed settings pointing it at
+# the engine's AI gateway, and ~/.claude.json so it opens at its prompt): no credential is
+# ever mounted here.
 set -euo pipefail
 
 home=/home/coder
@@ -11,11 +13,5 @@ if [[ $(id -u) -eq 0 ]]; then
 		[[ -d $dir && $(stat -c %u "$dir") != 1000 ]] && chown -R 1000:1000 "$dir"
 	done
 	exec setpriv --reuid=1000 --regid=1000 --init-groups --inh-caps=-all "$0" "$@"
-fi
-
-# Claude Code keeps its settings in ~/.claude.json, outside the claude-auth volume mounted at
-# ~/.claude; a copy saved in the volume as config.json restores it (onboarding done, theme...).
-if [[ -s $home/.claude/config.json ]]; then
-	cp "$home/.claude/config.json" "$home/.claude.json"
 fi
 exec "$@"

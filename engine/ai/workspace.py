@@ -1,0 +1,258 @@
+"""Claude Code inside a sandbox: configured by the engine, with no credential of the operator's.
+
+- **Managed settings** (``/etc/claude-code/managed-settings.json``, root-owned, 0644): the
+  template's ``claude.settings`` and, with ``access: gateway``, an ``env`` block pointing Claude
+  Code at the engine's AI gateway with the sandbox's own token (``ANTHROPIC_BASE_URL``,
+  ``ANTHROPIC_AUTH_TOKEN``), the pinned model for every role, the output cap, and no traffic
+  but the model's. Managed settings override the user's; the candidate cannot change them.
+- **The first screen**: ``~/.claude.json`` in the sandbox's own home, made once, from the
+  operator's saved config (``config.json`` of the ``claude-auth`` volume) read as JSON with its
+  keys allow-listed (an existing volume may hold what candidates planted in it before), plus
+  onboarding done and the workdir trusted: Claude Code starts at its prompt.
+- ``access: operator-login``: a copy of the volume's ``.credentials.json`` in the sandbox's
+  ``~/.claude`` (for an operator's own trusted sandboxes only: whoever has the shell has it).
+
+Nothing of the volume is mounted; it is read through a container that is created, never
+started, and removed (the engine may run in a container of its own, without the host's paths).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+
+from engine.spec import CLAUDE_AUTH_VOLUME
+from engine.templates import Template
+
+log = logging.getLogger("sandbox_engine.ai")
+
+MANAGED_SETTINGS = "/etc/claude-code/managed-settings.json"
+# Keys of the operator's saved ~/.claude.json a sandbox gets: how Claude Code looks and
+# behaves, never an account, a key, a project's history, an MCP server or a hook.
+CONFIG_KEYS = frozenset(
+    {
+        "theme",
+        "editorMode",
+        "verbose",
+        "preferredNotifChannel",
+        "autoCompactEnabled",
+        "diffTool",
+        "todoFeatureEnabled",
+        "messageIdleNotifThresholdMs",
+        "hasCompletedOnboarding",
+        "lastOnboardingVersion",
+        "hasSeenTasksHint",
+        "hasAcknowledgedCostThreshold",
+        "shiftEnterKeyBindingInstalled",
+        "showExpandedTodos",
+    }
+)
+MAX_CONFIG = 256 * 1024  # bytes of config.json read
+CONFIG_TTL = 60.0  # seconds the volume's config is kept before it is read again
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a workspace is on its networks: its own addresses (the only peers its token is
+    good from) and the address of the host on its own network (where it reaches the gateway)."""
+
+    addresses: tuple[str, ...]
+    host: str
+
+
+def place(attrs: dict[str, Any], network: str) -> Place:
+    """From a container's inspect attributes and the name of its sandbox's own network."""
+    nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    addresses = tuple(sorted({n["IPAddress"] for n in nets.values() if n and n.get("IPAddress")}))
+    own = nets.get(network) or {}
+    host = own.get("Gateway") or next((n.get("Gateway") for n in nets.values() if n), "") or ""
+    return Place(addresses, host)
+
+
+def gateway_env(template: Template, *, base_url: str, token: str) -> dict[str, str]:
+    """Claude Code's environment for the gateway (CLAUDE-CODE-NOTES: with these two traffic
+    switches nothing but the model's requests leaves Claude Code)."""
+    env = {
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_AUTH_TOKEN": token,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL": "1",
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(template.claude.max_tokens),
+        "DISABLE_AUTOUPDATER": "1",
+    }
+    model = template.claude.model
+    if model:  # every role Claude Code picks a model for: the pinned one
+        for name in (
+            "ANTHROPIC_MODEL",
+            "ANTHROPIC_DEFAULT_OPUS_MODEL",
+            "ANTHROPIC_DEFAULT_SONNET_MODEL",
+            "ANTHROPIC_DEFAULT_HAIKU_MODEL",
+            "ANTHROPIC_SMALL_FAST_MODEL",
+            "CLAUDE_CODE_SUBAGENT_MODEL",
+        ):
+            env[name] = model
+    return env
+
+
+def managed_settings(template: Template, env: dict[str, str] | None) -> dict[str, Any]:
+    """The managed settings document: the template's settings, the engine's env over theirs."""
+    settings = dict(template.claude.settings)
+    if env:
+        given = settings.get("env")
+        settings["env"] = {**(given if isinstance(given, dict) else {}), **env}
+    return settings
+
+
+def first_screen(saved: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """``~/.claude.json``: the allow-listed part of the operator's saved config, onboarding done,
+    the workdir trusted."""
+    kept: dict[str, Any] = {
+        k: v
+        for k, v in saved.items()
+        if k in CONFIG_KEYS and isinstance(v, str | int | float | bool) and len(str(v)) < 1024
+    }
+    kept["hasCompletedOnboarding"] = True
+    kept["projects"] = {workdir: {"hasTrustDialogAccepted": True, "allowedTools": []}}
+    return kept
+
+
+def _tar(files: dict[str, tuple[bytes, int, int, int]]) -> bytes:
+    """A tar of ``path: (content, mode, uid, gid)``, with the folders leading to each."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        made: set[str] = set()
+        for path, (content, mode, uid, gid) in files.items():
+            parts = path.strip("/").split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder not in made:
+                    made.add(folder)
+                    info = tarfile.TarInfo(folder)
+                    info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, 0, 0
+                    tar.addfile(info)
+            info = tarfile.TarInfo(path.strip("/"))
+            info.size, info.mode, info.uid, info.gid = len(content), mode, uid, gid
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+class OperatorConfig:
+    """The ``claude-auth`` volume's files, read through a container that never starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._config: dict[str, Any] = {}
+
+    def config(self, client: docker.DockerClient, image: str) -> dict[str, Any]:
+        with self._lock:
+            if time.monotonic() - self._at < CONFIG_TTL:
+                return self._config
+            raw = read_volume_file(client, image, "config.json")
+            parsed: Any = {}
+            if raw:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    log.warning("%s/config.json is no JSON: not used", CLAUDE_AUTH_VOLUME)
+            self._config = parsed if isinstance(parsed, dict) else {}
+            self._at = time.monotonic()
+            return self._config
+
+
+def read_volume_file(client: docker.DockerClient, image: str, name: str) -> bytes | None:
+    """One file of the ``claude-auth`` volume (None: no volume, no such file, or too big)."""
+    try:
+        client.volumes.get(CLAUDE_AUTH_VOLUME)
+    except docker.errors.NotFound:
+        return None
+    holder = client.api.create_container(
+        image,
+        command=["true"],
+        host_config=client.api.create_host_config(
+            mounts=[docker.types.Mount("/v", CLAUDE_AUTH_VOLUME, type="volume", read_only=True)],
+            network_mode="none",
+        ),
+        labels={"io.sandbox-engine.managed-by": "sandbox-engine"},
+    )
+    try:
+        stream, stat = client.api.get_archive(holder["Id"], f"/v/{name}")
+        if stat.get("size", 0) > MAX_CONFIG:
+            return None  # too big: not read (a link or a folder is refused below)
+        data = b"".join(stream)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                return None
+            extracted = tar.extractfile(member)
+            return extracted.read(MAX_CONFIG) if extracted else None
+    except docker.errors.NotFound:
+        return None
+    finally:
+        client.api.remove_container(holder["Id"], force=True)
+
+
+def configure(
+    client: docker.DockerClient,
+    container: str,
+    template: Template,
+    *,
+    env: dict[str, str] | None,
+    home: tuple[str, int, int] | None = None,
+    saved: dict[str, Any] | None = None,
+    credentials: bytes | None = None,
+) -> None:
+    """Write the managed settings (root's), and with ``home`` (path, uid, gid) the first
+    screen's ``~/.claude.json`` (and ``credentials`` for operator-login) as the user's."""
+    files: dict[str, tuple[bytes, int, int, int]] = {
+        MANAGED_SETTINGS.removeprefix("/etc/"): (
+            json.dumps(managed_settings(template, env), indent=2).encode(),
+            0o644,
+            0,
+            0,
+        )
+    }
+    target = client.containers.get(container)
+    target.put_archive("/etc", _tar(files))  # root's: put_archive writes as root
+    if home is not None:
+        path, uid, gid = home
+        workdir = template.workspace.workdir
+        mine = {
+            ".claude.json": (
+                json.dumps(first_screen(saved or {}, workdir), indent=2).encode(),
+                0o600,
+                uid,
+                gid,
+            )
+        }
+        if credentials is not None:
+            mine[".claude/.credentials.json"] = (credentials, 0o600, uid, gid)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, (content, mode, u, g) in mine.items():
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.uid, info.gid = len(content), mode, u, g
+                info.mtime = int(time.time())
+                tar.addfile(info, io.BytesIO(content))
+        target.put_archive(path, buffer.getvalue())
+
+
+def home_of(client: docker.DockerClient, container: str, user: str) -> tuple[str, int, int]:
+    """The workspace user's home, uid and gid (asked inside the container)."""
+    result = client.containers.get(container).exec_run(
+        ["sh", "-c", 'printf "%s %s %s" "$HOME" "$(id -u)" "$(id -g)"'], user=user
+    )
+    if result.exit_code != 0:
+        raise RuntimeError(f"could not read the home of {user}: {result.output[-200:]!r}")
+    path, uid, gid = result.output.decode().split()
+    return path, int(uid), int(gid)
