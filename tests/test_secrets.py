@@ -1,7 +1,8 @@
 """Secrets stay secret: after a whole lifecycle (create with a credential in env, access token,
-terminal, bad requests, extend, destroy), no API key, access token or credential appears in the
-logs, events, response bodies, database rows, stack config or Pulumi state — and the credential
-did reach the sandbox, as a Pulumi secret."""
+terminal, Claude Code through the AI gateway, bad requests, extend, destroy), no API key, access
+token, credential, gateway token or the operator's Anthropic key appears in the logs, events,
+response bodies, database rows, stack config or Pulumi state — and the credential did reach the
+sandbox, as a Pulumi secret; the operator's key reached the upstream only."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ import psycopg
 import pytest
 import websockets
 from psycopg import sql
+from pydantic import SecretStr
 
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.spec import L_ROLE, L_SANDBOX
 from engine.store import Role, create_client
+from tests.ai_upstream import serving
 from tests.api_server import Terminal, serve
+from tests.gateway_lock import gateway_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LIVE = ROOT / "tests" / "fixtures" / "live-templates"
@@ -52,8 +56,29 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
     docker_client: docker.DockerClient,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    # The production backend: Pulumi's state in a table of the engine's database.
-    settings = Settings(database_url=database, templates_dir=LIVE)
+    operator_key = "sk-ant-api03-" + secrets.token_urlsafe(30)
+    with gateway_port() as port, serving() as (upstream_url, upstream):
+        # The production backend: Pulumi's state in a table of the engine's database.
+        settings = Settings(
+            database_url=database,
+            templates_dir=LIVE,
+            gateway_serve=True,
+            gateway_port=port,
+            anthropic_upstream=upstream_url,
+            anthropic_api_key=SecretStr(operator_key),
+        )
+        _lifecycle(settings, database, tmp_path, caplog, docker_client, operator_key, upstream)
+
+
+def _lifecycle(
+    settings: Settings,
+    database: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    docker_client: docker.DockerClient,
+    operator_key: str,
+    upstream: Any,
+) -> None:
 
     def state() -> dict[str, str]:
         with psycopg.connect(database) as conn:
@@ -130,6 +155,20 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
                 filters={"label": [f"{L_SANDBOX}={sid}", f"{L_ROLE}=workspace"]}
             )[0]
             assert f"ANTHROPIC_API_KEY={credential}" in workspace.attrs["Config"]["Env"]
+            # Claude Code through the gateway: the sandbox's token in, the operator's key out.
+            said = workspace.exec_run(
+                ["bash", "-lc", "cd ~/workspace && claude -p 'keep my secrets'"], user="coder"
+            )
+            assert said.exit_code == 0 and b"stand-in model" in said.output, said.output
+            managed = workspace.exec_run(["cat", "/etc/claude-code/managed-settings.json"])
+            gateway_token = json.loads(managed.output)["env"]["ANTHROPIC_AUTH_TOKEN"]
+            assert gateway_token.startswith("sgt_")
+            assert upstream.seen and all(
+                r.headers.get("x-api-key") == operator_key for r in upstream.seen
+            )
+            for path in ("ai", "ai/transcript"):
+                got = http.get(f"/api/v1/sandboxes/{sid}/{path}")
+                assert got.status_code == 200, got.text
 
             assert http.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
             _wait(http, sid, "destroyed")
@@ -137,7 +176,14 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
     with psycopg.connect(database) as conn:
         rows = [
             json.dumps(r, default=str)
-            for table in ("sandboxes", "sandbox_events", "api_clients")
+            for table in (
+                "sandboxes",
+                "sandbox_events",
+                "api_clients",
+                "ai_tokens",
+                "ai_usage",
+                "ai_exchanges",
+            )
             for r in conn.execute(f"SELECT row_to_json(t) FROM {table} t").fetchall()  # noqa: S608
         ]
     # The engine's records (and uvicorn's): not the test's own HTTP and WebSocket clients.
@@ -155,6 +201,8 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
         "admin key": admin,
         "access token": token,
         "credential": credential,
+        "gateway token": gateway_token,
+        "operator's Anthropic key": operator_key,
     }
     # An answer may echo a token its own request carried (the candidate view names the
     # terminal URL with it); every other answer must not hold one.
@@ -170,5 +218,6 @@ def test_no_secret_leaks_through_a_whole_lifecycle(
     assert not leaks
     # The haystacks are real: the sandbox is there, the credential's key name too.
     assert sid in places["logs"] and sid in places["database rows"]
+    assert "keep my secrets" in places["database rows"]  # the transcript is there
     config = next(v for k, v in seen_config.items() if k.endswith(f"Pulumi.sbx-{sid}.yaml"))
     assert "sandbox:env:\n    secure: " in config  # a Pulumi secret, encrypted at rest
