@@ -1,6 +1,8 @@
 """A reviewer in a real browser (Debian's Chromium through Playwright, as tests/test_ui.py):
 a session typed over the terminal WebSocket is listed on the sandbox's page and replays at 8x
-in the player; the candidate's page says the session is recorded."""
+in the player; the candidate's page says the session is recorded; the candidate's Claude Code
+conversation (the real CLI, through the AI gateway) reads on the sandbox's page with its
+usage, prompt, tool call and result, and answer."""
 
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ import httpx
 import psycopg
 import pytest
 import websockets
+from pydantic import SecretStr
 
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.stacks import remove_labelled
 from engine.store import Role, create_client
+from tests.ai_upstream import serving
 from tests.api_server import Terminal, running_sandbox, serve
 from tests.conftest import ROOT
+from tests.gateway_lock import gateway_port
 from tests.test_ui import LIVE, SHOTS, browser  # noqa: F401  (the browser fixture)
 
 
@@ -103,4 +108,73 @@ def test_a_reviewer_replays_a_session_at_8x(reviewed: dict[str, Any], browser: A
     cpage.goto(f"{reviewed['url']}{link}")
     cpage.get_by_text("This session is recorded").wait_for(timeout=15_000)
     candidate.close()
+    context.close()
+
+
+@pytest.fixture
+def with_claude(database: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """An engine serving the AI gateway (to the stand-in upstream) and a running sandbox."""
+    if not (ROOT / "web" / "dist" / "index.html").is_file():
+        pytest.fail("the web UI is not built: make web")
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        _, key = create_client(conn, name="reviewer", role=Role.MEMBER)
+    with gateway_port() as port, serving() as (upstream_url, _):
+        settings = Settings(
+            database_url=database,
+            pulumi_backend_url=f"file://{tmp_path}",
+            templates_dir=LIVE,
+            reap_interval=0,
+            gateway_serve=True,
+            gateway_port=port,
+            anthropic_upstream=upstream_url,
+            anthropic_api_key=SecretStr("sk-ant-api03-ui-test"),
+        )
+        try:
+            with serve(settings) as address, running_sandbox(address, key, "web") as sid:
+                yield {"url": f"http://{address}", "key": key, "sid": sid}
+        finally:
+            with psycopg.connect(database) as conn:
+                for (sandbox_id,) in conn.execute("SELECT id FROM sandboxes").fetchall():
+                    remove_labelled(sandbox_id)
+
+
+def test_a_reviewer_reads_the_candidate_s_ai_transcript(
+    with_claude: dict[str, Any],
+    browser: Any,  # noqa: F811
+    docker_client: Any,
+) -> None:
+    sid, key = with_claude["sid"], with_claude["key"]
+    with httpx.Client(base_url=with_claude["url"], headers={"X-API-Key": key}) as http:
+        workspace = http.get(f"/api/v1/sandboxes/{sid}").json()["workspace"]
+    said = docker_client.containers.get(workspace).exec_run(
+        ["bash", "-lc", "cd ~/workspace && claude -p 'Please RUN: echo reviewed-$((6*7))'"
+         " --allowedTools Bash"],
+        user="coder",
+    )  # fmt: skip
+    assert said.exit_code == 0 and b"The tool said: reviewed-42" in said.output, said.output
+
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(with_claude["url"])
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator(f"tr[data-sandbox='{sid}']").wait_for()
+    page.goto(f"{with_claude['url']}/sandboxes/{sid}")
+    section = page.get_by_label("AI transcript")
+    section.locator("[data-kind='answer']").filter(has_text="The tool said").wait_for(
+        timeout=20_000
+    )
+    text = section.inner_text()
+    assert "of 2,000,000 tokens" in text, text
+    assert "Please RUN: echo reviewed-$((6*7))" in text  # the candidate's prompt
+    assert "echo reviewed-$((6*7))" in section.locator("[data-kind='tool_use']").inner_text()
+    assert "reviewed-42" in section.locator("[data-kind='tool_result']").inner_text()
+    kinds = section.locator("[data-kind]").evaluate_all(
+        "nodes => nodes.map(n => n.getAttribute('data-kind'))"
+    )
+    assert kinds.index("prompt") < kinds.index("tool_use") < kinds.index("tool_result")
+    assert kinds.index("tool_result") < len(kinds) - 1 - kinds[::-1].index("answer")
+
+    page.screenshot(path=SHOTS / "ai-transcript.png", full_page=True)
     context.close()

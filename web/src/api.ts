@@ -71,6 +71,58 @@ export type Recording = {
   download: string;
 };
 
+export type AiSession = {
+  session_id: string | null;
+  started_at: string;
+  last_at: string;
+  exchanges: number;
+  refused: number;
+  billed: number;
+  agents: string[];
+};
+export type AiUsage = {
+  sandbox_id: string;
+  template: string;
+  model: string | null;
+  max_tokens: number;
+  budget_tokens: number;
+  used_tokens: number;
+  input_tokens: number;
+  output_tokens: number;
+  cache_creation_tokens: number;
+  cache_read_tokens: number;
+  requests: number;
+  refused: number;
+  sessions: AiSession[];
+};
+// A content block of a message or an answer (text, thinking, tool_use, tool_result, …).
+export type AiBlock = {
+  type: string;
+  text?: string;
+  thinking?: string;
+  name?: string;
+  input?: unknown;
+  content?: unknown;
+  is_error?: boolean;
+};
+export type AiMessage = { role: string; content: string | AiBlock[] };
+export type AiExchange = {
+  id: number;
+  at: string;
+  finished_at: string | null;
+  session_id: string | null;
+  agent_id: string | null;
+  side: boolean;
+  model: string | null;
+  status: number | null;
+  refused: string | null;
+  usage: Record<string, number>;
+  first_message: number;
+  messages: AiMessage[];
+  answer: { content?: AiBlock[]; stop_reason?: string | null } | null;
+  error: string | null;
+};
+
 export class ApiError extends Error {
   constructor(
     readonly status: number,
@@ -130,6 +182,9 @@ export class Api {
     if (!response.ok) throw await problemOf(response);
     return response.blob();
   };
+  aiUsage = (id: string) => this.call<AiUsage>(`/api/v1/sandboxes/${id}/ai`);
+  aiTranscript = (id: string) =>
+    this.call<{ items: AiExchange[] }>(`/api/v1/sandboxes/${id}/ai/transcript`).then((b) => b.items);
   recordings = (id: string) =>
     this.call<{ items: Recording[] }>(`/api/v1/sandboxes/${id}/recordings`).then((b) => b.items);
   // A recording's asciicast text (the player parses it).

@@ -1,5 +1,6 @@
 import { useEffect, useState } from "react";
 import { Api, Sandbox } from "../api";
+import { AiTranscript } from "./AiTranscript";
 import { Archives } from "./Archives";
 import { ExpiryBanner } from "./ExpiryBanner";
 import { Terminal } from "./Terminal";
@@ -51,6 +52,7 @@ export function SandboxPage({ api, id }: { api: Api; id: string }) {
       <Archives api={api} id={id} live={!["destroyed", "expired"].includes(sandbox.state)} />
       {sandbox.state === "running" && <WatchLive api={api} id={id} />}
       <Recordings api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
+      <AiTranscript api={api} id={id} live={!["destroyed", "expired", "failed"].includes(sandbox.state)} />
     </main>
   );
 }
