@@ -321,6 +321,9 @@ def _cmd_gateway(settings: Settings, _: argparse.Namespace) -> int:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from engine.ai import gateway as ai_gateway
+    from engine.migrate import migrate
+
+    migrate(settings.database_url.get_secret_value())  # the API may not have started yet
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -354,3 +354,18 @@ def test_a_destroyed_sandbox_s_token_is_refused(world: World) -> None:
     assert out.endswith("403") and "unknown or revoked" in out, out
     # Its transcript outlives it.
     assert world.http.get(f"/api/v1/sandboxes/{sid}/ai/transcript").status_code == 200
+
+
+def test_the_engine_s_metrics_count_the_gateway(world: World) -> None:
+    text = httpx.get(f"http://127.0.0.1:{world.engine.port}/metrics").text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sandbox_engine_ai_")
+    }
+    answered = 'sandbox_engine_ai_requests_total{kind="messages",status="200",template="claude"}'
+    assert samples[answered] >= 4, samples
+    assert samples['sandbox_engine_ai_refusals_total{reason="address"}'] >= 1
+    assert samples['sandbox_engine_ai_refusals_total{reason="budget"}'] >= 1
+    assert samples['sandbox_engine_ai_tokens_total{kind="billed",template="claude"}'] > 0
+    assert samples["sandbox_engine_ai_gateway_added_seconds_count"] >= 4

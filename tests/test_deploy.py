@@ -1,7 +1,8 @@
 """The production deploy (deploy/docker-compose.prod.yml): the compose file validates, a
-missing secret is named, and the whole stack — Traefik, PostgreSQL and the engine image, all
-built here — comes up, serves the API through Traefik over TLS, and makes a sandbox whose
-published port answers through the same Traefik."""
+missing secret is named, and the whole stack — Traefik, PostgreSQL, the AI gateway and the
+engine image, all built here — comes up, serves the API through Traefik over TLS, and makes a
+sandbox whose published port answers through the same Traefik and whose Claude Code answers
+through the gateway service (to a stand-in upstream on this host)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import pytest
 
 from engine import firewall
 from engine.stacks import remove_labelled
+from tests.ai_upstream import serving
 from tests.conftest import ROOT
+from tests.gateway_lock import gateway_port
 
 COMPOSE = ROOT / "deploy" / "docker-compose.prod.yml"
 
@@ -97,13 +100,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         TRAEFIK_PING_PORT=str(ports["ping"]),
     )
     made: list[str] = []
-    try:
-        compose(env, project, "up", "-d", "--no-build")
-        yield {"env": env, "project": project, "ports": ports, "sandboxes": made}
-    finally:
-        for sid in made:
-            remove_labelled(sid)
-        compose(env, project, "down", "-v", "--remove-orphans", check=False)
+    with gateway_port(), serving() as (upstream_url, upstream):
+        with env.open("a") as fh:
+            fh.write(
+                f"SANDBOX_ANTHROPIC_UPSTREAM={upstream_url}\n"
+                "SANDBOX_ANTHROPIC_API_KEY=sk-ant-api03-deploy-smoke\n"
+                f"POSTGRES_HOST_PORT={free_port()}\n"
+                f"SANDBOX_GATEWAY_METRICS_PORT={free_port()}\n"
+            )
+        try:
+            compose(env, project, "up", "-d", "--no-build")
+            yield {
+                "env": env,
+                "project": project,
+                "ports": ports,
+                "sandboxes": made,
+                "upstream": upstream,
+            }
+        finally:
+            for sid in made:
+                remove_labelled(sid)
+            compose(env, project, "down", "-v", "--remove-orphans", check=False)
 
 
 def edge_get(d: dict[str, Any], host: str, path: str, **kw: Any) -> httpx.Response:
@@ -170,6 +187,17 @@ def test_the_stack_serves_the_api_and_sandboxes_through_traefik(
     host = f"{sid}-8000.smoke.test"
     assert body["endpoints"][0]["url"] == f"https://{host}"
     workspace = docker_client.containers.get(body["workspace"])
+    # Claude Code through the gateway service, with the operator's key added there only.
+    said = workspace.exec_run(
+        ["bash", "-lc", "cd ~/workspace && claude -p 'hello from the deploy'"], user="coder"
+    )
+    assert said.exit_code == 0 and b"stand-in model" in said.output, said.output
+    seen = d["upstream"].seen
+    assert seen and {r.headers.get("x-api-key") for r in seen} == {"sk-ant-api03-deploy-smoke"}
+    transcript = edge_get(
+        d, "api.smoke.test", f"/api/v1/sandboxes/{sid}/ai/transcript", headers=auth
+    ).json()
+    assert "hello from the deploy" in str(transcript["items"]), transcript
     workspace.exec_run(["bash", "-c", "mkdir -p /tmp/w && echo deployed > /tmp/w/index.html"])
     workspace.exec_run(["python3", "-m", "http.server", "8000", "-d", "/tmp/w"], detach=True)
     deadline = time.monotonic() + 60
