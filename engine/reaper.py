@@ -118,6 +118,8 @@ class Reaper:
             ),
         )
         await self._step("expired archives", self.service.archiver.prune(now))
+        # Reservations a gateway that died mid-answer left holding budgets.
+        await self._step("stale AI reservations", self.service.db(ai_store.release_stale))
         # AI transcripts go with the terminal sessions they sit beside (recording_retention).
         await self._step(
             "old AI transcripts",

@@ -228,3 +228,18 @@ def serving(
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+if __name__ == "__main__":  # python -m tests.ai_upstream PORT [PIECES [PAUSE]]: alone (benchmarks)
+    import sys
+
+    pieces = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    uvicorn.run(
+        Upstream(pieces=pieces, pause=pause),
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )

@@ -130,13 +130,16 @@ class Gateway:
         self._priors: dict[tuple[str, str | None, str | None], transcript.Prior] = {}
 
     async def start(self) -> None:
+        # Autocommit: an admission is one statement, one round trip (engine/ai/store.py). No
+        # check when a connection is taken (a round trip per request): a broken one fails its
+        # request, and the pool replaces it.
         self.pool = AsyncConnectionPool(
             self.settings.database_url.get_secret_value(),
-            min_size=1,
+            min_size=2,
             max_size=16,
             open=False,
             timeout=DB_WAIT,
-            check=AsyncConnectionPool.check_connection,
+            kwargs={"autocommit": True},
         )
         await self.pool.open(wait=True, timeout=30.0)
         self.client = httpx.AsyncClient(
@@ -227,6 +230,9 @@ class Gateway:
         if not token:
             await self._refuse(send, "token", "this request carries no sandbox token")
             return
+        if not self.key:
+            await self._refuse(send, "credential", "the engine has no Anthropic API key configured")
+            return
         waiting_until = time.monotonic() + BUDGET_WAIT
         given = request.get("messages")
         messages: list[Any] = given if isinstance(given, list) else []
@@ -273,10 +279,6 @@ class Gateway:
                 admission.refused,
                 admission.detail if not what else f"{what} ({admission.detail})",
             )
-            return
-        if not self.key:
-            await self._finish_refused(admission, "no SANDBOX_ANTHROPIC_API_KEY")
-            await self._refuse(send, "credential", "the engine has no Anthropic API key configured")
             return
         if kind == "messages" and admission.max_tokens and wanted > admission.max_tokens:
             body = _capped(request, admission.max_tokens)
@@ -338,15 +340,6 @@ class Gateway:
         status, kind = REFUSALS[reason]
         self.metrics.refusals.labels(reason=reason).inc()
         await _respond(send, status, error_body(kind, message))
-
-    async def _finish_refused(self, admission: store.Admission, why: str) -> None:
-        assert self.pool is not None and admission.exchange is not None
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                "UPDATE ai_exchanges SET finished_at = now(), reserved = 0, refused = 'credential',"
-                " error = %s WHERE id = %s",
-                (why, admission.exchange),
-            )
 
     def spawn(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run a record's database work after its answer was sent (off the answer's path)."""
@@ -458,16 +451,14 @@ class _Record:
             upstream_ms=self.upstream_ms,
         )
         sandbox = str(admission.sandbox_id)
+        # On the sandbox's activity timeline (engine.timeline), as its events are.
+        timeline = (
+            transcript.summary(kept, answer)
+            if self.kind == "messages" and answer is not None and not self.side
+            else None
+        )
         async with gateway.pool.connection() as conn:
-            await store.finish(conn, admission.exchange, sandbox, done)
-            if self.kind == "messages" and answer is not None and not self.side:
-                # On the sandbox's activity timeline (engine.timeline), as its events are.
-                line = transcript.summary(kept, answer)
-                await conn.execute(
-                    "INSERT INTO sandbox_events (sandbox_id, kind, message) VALUES (%s, 'ai', %s)",
-                    (sandbox, line[:2000]),
-                )
-                await conn.execute("SELECT pg_notify('sandbox_events', %s)", (sandbox,))
+            await store.finish(conn, admission.exchange, sandbox, done, event=timeline)
         template = admission.template or ""
         metrics = gateway.metrics
         metrics.requests.labels(template=template, kind=self.kind, status=str(status)).inc()

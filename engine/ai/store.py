@@ -89,26 +89,49 @@ class Admission:
     detail: str = ""
 
 
+# One statement, one round trip: the budget row is updated only if the request may start,
+# and its reservation added in the same step. A concurrent admission of the same sandbox waits
+# for the row and re-checks the condition against the row as the other left it (PostgreSQL's
+# re-evaluation of UPDATE ... WHERE under READ COMMITTED), so two requests never pass the
+# budget together.
 _ADMIT = """
+WITH tok AS (
+    SELECT t.sandbox_id, t.addresses FROM ai_tokens t JOIN sandboxes s ON s.id = t.sandbox_id
+     WHERE t.token_hash = %(hash)s AND t.revoked_at IS NULL AND s.state = 'running'
+), admitted AS (
+    UPDATE ai_usage u SET reserved_tokens = u.reserved_tokens + %(reserved)s
+      FROM tok
+     WHERE u.sandbox_id = tok.sandbox_id
+       AND %(peer)s::inet = ANY(tok.addresses)
+       AND (u.model IS NULL OR %(model)s::text IS NULL OR u.model = %(model)s::text)
+       AND (%(kind)s <> 'messages' OR u.used_tokens + u.reserved_tokens < u.budget_tokens)
+    RETURNING u.sandbox_id, u.template, u.model, u.max_tokens
+), opened AS (
+    INSERT INTO ai_exchanges (sandbox_id, kind, reserved, session_id, agent_id, side, model,
+                              stream)
+    SELECT sandbox_id, %(kind)s, %(reserved)s, %(session)s, %(agent)s, %(side)s, %(model)s,
+           %(stream)s FROM admitted
+    RETURNING id, sandbox_id
+)
+SELECT a.sandbox_id, a.template, a.model, a.max_tokens, o.id
+  FROM admitted a JOIN opened o USING (sandbox_id)
+"""
+
+# Why a request was not admitted (the slow path: refusals only).
+_WHY = """
 SELECT t.sandbox_id, t.addresses::text[] AS addresses, u.template, u.model, u.max_tokens,
-       u.budget_tokens, u.used_tokens, s.state,
-       (SELECT coalesce(sum(e.reserved), 0) FROM ai_exchanges e
-         WHERE e.sandbox_id = t.sandbox_id AND e.finished_at IS NULL
-           AND e.started_at > now() - %(stale)s) AS reserved
+       u.budget_tokens, u.used_tokens, u.reserved_tokens AS reserved, s.state
   FROM ai_tokens t
   JOIN ai_usage u ON u.sandbox_id = t.sandbox_id
   LEFT JOIN sandboxes s ON s.id = t.sandbox_id
  WHERE t.token_hash = %(hash)s AND t.revoked_at IS NULL
-   FOR UPDATE OF u
 """
 
-_OPEN = """
-INSERT INTO ai_exchanges (sandbox_id, kind, reserved, session_id, agent_id, side, model, stream,
-                          refused, error, finished_at)
-VALUES (%(sandbox)s, %(kind)s, %(reserved)s, %(session)s, %(agent)s, %(side)s, %(model)s,
-        %(stream)s, %(refused)s, %(error)s, CASE WHEN %(refused)s::text IS NULL THEN NULL
-        ELSE now() END)
-RETURNING id
+_REFUSED = """
+INSERT INTO ai_exchanges (sandbox_id, kind, session_id, agent_id, side, model, stream, refused,
+                          error, finished_at)
+VALUES (%(sandbox)s, %(kind)s, %(session)s, %(agent)s, %(side)s, %(model)s, %(stream)s,
+        %(refused)s, %(error)s, now())
 """
 
 
@@ -127,42 +150,45 @@ async def admit(
     final: bool = True,
 ) -> Admission:
     """Check the token (live, its sandbox running, from its sandbox's own address), the model
-    and the budget, under the budget row's lock (admissions of one sandbox are serialised, so
-    concurrent requests cannot pass the budget together); record the exchange as open, holding
-    ``reserve`` tokens, or as refused. One transaction. Not ``final``: a request the budget
-    would refuse only for the reservations of requests still in flight is answered ``wait``
-    (nothing recorded): those may end under their reservations and leave it room."""
+    and the budget, and open the exchange holding ``reserve`` tokens (the statement above:
+    concurrent requests cannot pass the budget together). A refused request is recorded as
+    such, with the reason. Not ``final``: a request the budget refuses only for the
+    reservations of requests still in flight is answered ``wait`` (nothing recorded): they
+    may end under their reservations and leave it room. ``conn`` is in autocommit mode."""
+    params = {
+        "hash": hash_token(token),
+        "peer": peer or "0.0.0.0",  # noqa: S104 (an address no token is good from)
+        "model": model,
+        "kind": kind,
+        "reserved": reserve if kind == "messages" else 0,
+        "session": session,
+        "agent": agent,
+        "side": side,
+        "stream": stream,
+    }
+    try:
+        cur = await conn.execute(_ADMIT, params)
+    except psycopg.errors.InvalidTextRepresentation:  # the peer is no address at all
+        return Admission(None, None, None, 0, refused="token", detail="unknown or revoked")
+    found = await cur.fetchone()
+    if found is not None:
+        return Admission(found[0], found[1], found[2], found[3], exchange=found[4])
+    why = await (await conn.cursor(row_factory=dict_row).execute(_WHY, params)).fetchone()
+    if why is None or why["state"] != "running":
+        return Admission(None, None, None, 0, refused="token", detail="unknown or revoked")
+    refused, detail = _decide(why, peer=peer, kind=kind, model=model)
+    if refused is None:  # admitted meanwhile by the numbers: a race with a finish; try again
+        refused, detail = "budget", "busy"
+    if refused == "budget" and (not final) and why["used_tokens"] < why["budget_tokens"]:
+        return Admission(why["sandbox_id"], why["template"], why["model"], 0, refused="wait")
     async with conn.transaction():
-        cur = await conn.cursor(row_factory=dict_row).execute(
-            _ADMIT, {"hash": hash_token(token), "stale": STALE_RESERVATION}
-        )
-        row = await cur.fetchone()
-        if row is None or row["state"] != "running":
-            return Admission(None, None, None, 0, refused="token", detail="unknown or revoked")
-        base = {
-            "sandbox": row["sandbox_id"],
-            "kind": kind,
-            "session": session,
-            "agent": agent,
-            "side": side,
-            "model": model,
-            "stream": stream,
-        }
-        refused, detail = _decide(row, peer=peer, kind=kind, model=model)
-        if refused == "budget" and not final and row["used_tokens"] < row["budget_tokens"]:
-            return Admission(row["sandbox_id"], row["template"], row["model"], 0, refused="wait")
-        if refused is None:
-            opened = await conn.execute(_OPEN, {**base, "reserved": reserve, "refused": None,
-                                                "error": None})  # fmt: skip
-            (exchange,) = await opened.fetchone() or (None,)
-            return Admission(row["sandbox_id"], row["template"], row["model"], row["max_tokens"],
-                             exchange=exchange)  # fmt: skip
-        await conn.execute(_OPEN, {**base, "reserved": 0, "refused": refused, "error": detail})
+        await conn.execute(_REFUSED, {**params, "sandbox": why["sandbox_id"], "refused": refused,
+                                      "error": detail})  # fmt: skip
         await conn.execute(
-            "UPDATE ai_usage SET refused = refused + 1 WHERE sandbox_id = %s", (row["sandbox_id"],)
+            "UPDATE ai_usage SET refused = refused + 1 WHERE sandbox_id = %s", (why["sandbox_id"],)
         )
-        return Admission(row["sandbox_id"], row["template"], row["model"], row["max_tokens"],
-                         refused=refused, detail=detail)  # fmt: skip
+    return Admission(why["sandbox_id"], why["template"], why["model"], why["max_tokens"],
+                     refused=refused, detail=detail)  # fmt: skip
 
 
 def _decide(
@@ -220,30 +246,62 @@ class Finished:
 
 
 async def finish(
-    conn: psycopg.AsyncConnection, exchange: int, sandbox_id: str, done: Finished
+    conn: psycopg.AsyncConnection,
+    exchange: int,
+    sandbox_id: str,
+    done: Finished,
+    *,
+    event: str | None = None,
 ) -> None:
-    """Close an exchange: what it said and billed; the sandbox's usage grows by it."""
-    async with conn.transaction():
+    """Close an exchange: what it said and billed; the sandbox's usage grows by it, its
+    reservation is given back; ``event``: a line for the sandbox's activity timeline. One
+    transaction, its statements sent at once."""
+    u = done.usage
+    async with conn.transaction(), conn.pipeline():
         await conn.execute(
-            "UPDATE ai_exchanges SET finished_at = now(), reserved = 0, status = %s, usage = %s,"
-            " billed = %s, model = coalesce(%s, model), message_count = %s, first_digest = %s,"
-            " last_digest = %s, first_message = %s, messages = %s, answer = %s, error = %s,"
-            " first_byte_ms = %s, upstream_ms = %s WHERE id = %s",
+            "WITH closed AS (UPDATE ai_exchanges e SET finished_at = now(), status = %s,"
+            " usage = %s, billed = %s, model = coalesce(%s, e.model), message_count = %s,"
+            " first_digest = %s, last_digest = %s, first_message = %s, messages = %s,"
+            " answer = %s, error = %s, first_byte_ms = %s, upstream_ms = %s, reserved = 0"
+            " FROM (SELECT id, reserved AS held FROM ai_exchanges WHERE id = %s"
+            " AND finished_at IS NULL FOR UPDATE) old WHERE e.id = old.id RETURNING old.held)"
+            " UPDATE ai_usage SET used_tokens = used_tokens + %s, requests = requests + 1,"
+            " input_tokens = input_tokens + %s, output_tokens = output_tokens + %s,"
+            " cache_creation_tokens = cache_creation_tokens + %s,"
+            " cache_read_tokens = cache_read_tokens + %s,"
+            " reserved_tokens = greatest(0, reserved_tokens - (SELECT held FROM closed))"
+            " WHERE sandbox_id = %s AND EXISTS (SELECT 1 FROM closed)",
             (done.status, Jsonb(done.usage), done.billed, done.model, done.message_count,
              done.first_digest, done.last_digest, done.first_message, Jsonb(done.messages),
              Jsonb(done.answer) if done.answer is not None else None, done.error,
-             done.first_byte_ms, done.upstream_ms, exchange),
-        )  # fmt: skip
-        u = done.usage
-        await conn.execute(
-            "UPDATE ai_usage SET used_tokens = used_tokens + %s, requests = requests + 1,"
-            " input_tokens = input_tokens + %s, output_tokens = output_tokens + %s,"
-            " cache_creation_tokens = cache_creation_tokens + %s,"
-            " cache_read_tokens = cache_read_tokens + %s WHERE sandbox_id = %s",
-            (done.billed, u.get("input_tokens", 0), u.get("output_tokens", 0),
+             done.first_byte_ms, done.upstream_ms, exchange,
+             done.billed, u.get("input_tokens", 0), u.get("output_tokens", 0),
              u.get("cache_creation_input_tokens", 0), u.get("cache_read_input_tokens", 0),
              sandbox_id),
         )  # fmt: skip
+        if event:
+            await conn.execute(
+                "INSERT INTO sandbox_events (sandbox_id, kind, message) VALUES (%s, 'ai', %s)",
+                (sandbox_id, event[:2000]),
+            )
+            await conn.execute("SELECT pg_notify('sandbox_events', %s)", (sandbox_id,))
+
+
+def release_stale(conn: psycopg.Connection) -> int:
+    """Exchanges a gateway left open when it died (older than STALE_RESERVATION) are closed
+    and their reservations given back (the reaper, every pass); how many."""
+    cur = conn.execute(
+        "WITH stale AS (UPDATE ai_exchanges e SET finished_at = now(), reserved = 0,"
+        " error = coalesce(e.error, 'the gateway stopped before the answer ended')"
+        " FROM (SELECT id, reserved AS held FROM ai_exchanges WHERE finished_at IS NULL"
+        " AND started_at < now() - %s FOR UPDATE) old WHERE e.id = old.id"
+        " RETURNING e.sandbox_id, old.held)"
+        " UPDATE ai_usage u SET reserved_tokens = greatest(0, u.reserved_tokens - s.total)"
+        " FROM (SELECT sandbox_id, sum(held) AS total FROM stale GROUP BY sandbox_id) s"
+        " WHERE u.sandbox_id = s.sandbox_id RETURNING u.sandbox_id",
+        (STALE_RESERVATION,),
+    )
+    return len(cur.fetchall())
 
 
 # --- reading (the API: the owner and admins) -------------------------------------------------

@@ -20,6 +20,8 @@ CREATE TABLE ai_usage (
     max_tokens     int         NOT NULL,  -- the cap on one request's output
     budget_tokens  bigint      NOT NULL,
     used_tokens    bigint      NOT NULL DEFAULT 0,  -- billed (engine/ai/budget.py)
+    -- Held by requests in flight (their reservations), given back as each one ends.
+    reserved_tokens bigint     NOT NULL DEFAULT 0,
     input_tokens   bigint      NOT NULL DEFAULT 0,
     output_tokens  bigint      NOT NULL DEFAULT 0,
     cache_creation_tokens bigint NOT NULL DEFAULT 0,

@@ -9,7 +9,9 @@ as markdown tables, to stdout — docs/benchmarks.md holds a copy with the machi
 4. terminal echo round trip and output throughput against a raw `docker exec` attach
    (tests/bench/terminal.py);
 5. GET list and GET one at a fixed 200 requests a second with 100 live sandboxes
-   (tests/bench/load.py).
+   (tests/bench/load.py);
+6. the AI gateway: a streamed Messages API request through it against the same request sent
+   to the upstream directly, and 50 streams at once (tests/bench/gateway.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.bench import creates, load, terminal
+from tests.bench import creates, gateway, load, terminal
 from tests.bench.harness import ROOT, engine_process
 
 
@@ -39,6 +41,7 @@ def main() -> None:
         results["concurrency"], ids = creates.concurrent(engine)
         results["terminal"] = terminal.run(engine, quick, sandbox=ids[0])
         results["load"] = load.run(engine, quick, ids=ids)
+    results["gateway"] = gateway.run(quick)
     results["seconds"] = time.monotonic() - started
     out = ROOT / ".bench" / f"{results['at'].replace(':', '')}.json"
     out.parent.mkdir(exist_ok=True)
@@ -118,6 +121,7 @@ def report(r: dict[str, Any]) -> str:
         f"engine memory with {ld['sandboxes']} live sandboxes:"
         f" {ld['rss_mb_idle_with_sandboxes']:.0f} MB (engine and its shared provider)",
     ]
+    lines += gateway.report(r["gateway"])
     return "\n".join(lines)
 
 
