@@ -884,8 +884,9 @@ class SandboxService:
         if grant:
             attrs = await asyncio.to_thread(_inspect, workspace)
             place = ai_workspace.place(attrs, str(outputs.get("network") or ""))
-            token = await self.db(
+            token = await self.db_through_restarts(
                 ai_store.mint,
+                what=f"the AI gateway token of {row.id}",
                 sandbox_id=row.id,
                 owner_id=row.owner_id,
                 template=template.name,
@@ -926,11 +927,13 @@ class SandboxService:
 
         await asyncio.to_thread(write)
         if grant:
-            await self._event(
+            await self.db_through_restarts(
+                store.add_event,
                 row.id,
                 "progress",
                 f"claude: through the AI gateway, budget {claude.budget_tokens:,} tokens"
                 + (f", model {claude.model}" if claude.model else ""),
+                what=f"an event of {row.id}",
             )
 
     async def _destroy_job(self, sandbox_id: str, reason: DestroyReason) -> None:
@@ -1067,17 +1070,22 @@ class SandboxService:
             )
 
         # The stack work is done and cannot be asked again: its result is kept trying through
-        # a database restart (FINISH_RETRY seconds), or the row would stay mid-operation.
+        # a database restart, or the row would stay mid-operation.
+        await self.db_through_restarts(apply, what=f"recording {sandbox_id} as {state.value}")
+
+    async def db_through_restarts(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
+        """``db``, tried again through a database restart (for FINISH_RETRY seconds): for the
+        writes of work already done that cannot be asked again (a stack operation's result, a
+        sandbox's setup after its containers exist)."""
         deadline = time.monotonic() + FINISH_RETRY
         delay = 0.5
         while True:
             try:
-                await self.db(apply)
-                return
+                return await self.db(fn, *args, **kwargs)
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
                     raise
-                log.warning("recording %s as %s: %s; retrying", sandbox_id, state.value, exc)
+                log.warning("%s: %s; retrying", what, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -30,9 +30,10 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.types import Message, Receive, Scope, Send
 
 from engine.ai import budget, store, transcript
@@ -236,11 +237,9 @@ class Gateway:
         waiting_until = time.monotonic() + BUDGET_WAIT
         given = request.get("messages")
         messages: list[Any] = given if isinstance(given, list) else []
-        prior = None
         while True:
-            async with self.pool.connection() as conn:
-                admission = await store.admit(
-                    conn,
+            try:
+                admission, prior = await self._admit(
                     token=token,
                     peer=(scope.get("client") or ("", 0))[0],
                     kind=kind,
@@ -251,18 +250,13 @@ class Gateway:
                     side=side,
                     stream=stream,
                     final=time.monotonic() > waiting_until,
+                    messages=messages,
                 )
-                if admission.exchange is not None and kind == "messages" and not side:
-                    # The conversation's previous request, and this one for the next:
-                    # remembered now, not once the answer is recorded (the next request
-                    # comes that fast).
-                    key = (str(admission.sandbox_id), session, agent)
-                    prior = self._priors.get(key) or await store.prior(
-                        conn, str(admission.sandbox_id), session, agent
-                    )
-                    current = transcript.prior_of(messages)
-                    if current is not None:
-                        self.remember(key, current)
+            except (psycopg.OperationalError, PoolTimeout):
+                # Claude Code retries a 5xx: the database is back in seconds (a restart).
+                await _respond(send, 503, error_body("api_error", "the AI gateway's database is"
+                                                     " not reachable; retry"))  # fmt: skip
+                return
             if admission.refused != "wait":
                 break
             # The budget is held by requests in flight, not spent: wait for them to end
@@ -335,6 +329,26 @@ class Gateway:
             raise
         finally:
             await answer.aclose()
+
+    async def _admit(
+        self, *, messages: list[Any], **given: Any
+    ) -> tuple[store.Admission, transcript.Prior | None]:
+        """The admission (engine/ai/store.py) and, for a conversation's request, the prior
+        request it continues; this one is remembered for the next now, not once its answer is
+        recorded (the next request comes that fast)."""
+        assert self.pool is not None
+        prior = None
+        async with self.pool.connection() as conn:
+            admission = await store.admit(conn, **given)
+            if admission.exchange is not None and given["kind"] == "messages" and not given["side"]:
+                key = (str(admission.sandbox_id), given["session"], given["agent"])
+                prior = self._priors.get(key) or await store.prior(
+                    conn, str(admission.sandbox_id), given["session"], given["agent"]
+                )
+                current = transcript.prior_of(messages)
+                if current is not None:
+                    self.remember(key, current)
+        return admission, prior
 
     async def _refuse(self, send: Send, reason: str, message: str) -> None:
         status, kind = REFUSALS[reason]
