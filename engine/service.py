@@ -137,7 +137,7 @@ class SandboxService:
         # Where sandboxes reach the AI gateway (its actual port once it listens: 0 asks for
         # any free one), and the operator's saved Claude Code config, read once a minute.
         self.gateway_port = settings.gateway_port
-        self.operator_config = ai_workspace.OperatorConfig()
+        self.operator_config = ai_workspace.OperatorConfig(settings.claude_auth_volume)
         self.archiver = archives.Archiver(settings, self.db)
 
     async def start(self) -> None:
@@ -906,7 +906,10 @@ class SandboxService:
                     saved = self.operator_config.config(client, template.base_image)
                     if claude.access == "operator-login":
                         credentials = ai_workspace.read_volume_file(
-                            client, template.base_image, ".credentials.json"
+                            client,
+                            template.base_image,
+                            self.settings.claude_auth_volume,
+                            ".credentials.json",
                         )
                 env = (
                     ai_workspace.gateway_env(template, base_url=base_url, token=token)

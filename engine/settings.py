@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     # (x-api-key). Never logged, never in an answer, a row, a sandbox or the Pulumi state.
     anthropic_upstream: str = "https://api.anthropic.com"
     anthropic_api_key: SecretStr = SecretStr("")
+    # The Docker volume holding the operator's saved Claude Code config (config.json, and for
+    # `access: operator-login` templates .credentials.json): read by the engine, never mounted.
+    claude_auth_volume: str = Field(
+        default="claude-auth", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$"
+    )
     # Bytes of one request body the gateway takes (the Messages API's own limit is 32 MB).
     gateway_max_body: int = Field(default=32 * 2**20, ge=2**16, le=2**30)
     # Seconds an answer's stream may stay silent before the gateway gives it up.

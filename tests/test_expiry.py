@@ -23,7 +23,7 @@ from engine.spec import L_ENGINE, L_MANAGED, L_SANDBOX, MANAGED_BY
 from engine.stacks import StackManager, remove_labelled
 from engine.store import Role, create_client
 from engine.templates import find
-from tests.api_server import Terminal, serve
+from tests.api_server import Terminal, nothing_left, serve
 from tests.conftest import ROOT, TEST_LABEL
 from tests.test_reaper import NOW, row
 
@@ -136,14 +136,6 @@ def events(database: str, sid: str) -> list[tuple[str, str]]:
     return [(str(k), str(m)) for k, m in rows]
 
 
-def gone(docker_client: docker.DockerClient, settings: Settings, sid: str) -> None:
-    selector = {"label": f"{L_SANDBOX}={sid}"}
-    assert not docker_client.containers.list(all=True, filters=selector)
-    assert not docker_client.networks.list(filters=selector)
-    assert not docker_client.volumes.list(filters=selector)
-    assert f"sbx-{sid}" not in {s.name for s in StackManager(settings).list()}
-
-
 def test_terminals_are_warned_before_expiry(reaping_api: dict[str, Any]) -> None:
     api = reaping_api
     http: httpx.Client = api["http"]
@@ -213,7 +205,7 @@ def test_a_workspace_removed_by_hand_is_repaired(
 
     assert http.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
     wait_for(http, sid, ("destroyed",))
-    gone(docker_client, api["settings"], sid)
+    nothing_left(docker_client, api["settings"], sid)
 
 
 def test_orphans_of_this_engine_are_swept_and_others_are_not(
@@ -259,7 +251,7 @@ def test_orphans_of_this_engine_are_swept_and_others_are_not(
                 time.sleep(1)
             else:
                 raise AssertionError(f"orphans left: {[v.name for v in left]}, stacks {names}")
-        gone(docker_client, settings, lost)
+        nothing_left(docker_client, settings, lost)
         with pytest.raises(docker.errors.NotFound):
             docker_client.volumes.get(leaked.name)
         docker_client.volumes.get(foreign.name)  # still there

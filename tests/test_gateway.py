@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -370,3 +371,41 @@ def test_an_unreachable_upstream_is_a_502_and_a_missing_key_a_403(database: str)
     keyless = asyncio.run(call(base))
     assert keyless.status_code == 403
     assert "no Anthropic API key" in keyless.json()["error"]["message"]
+
+
+def test_stale_reservations_are_released_and_old_transcripts_pruned(world: dict[str, Any]) -> None:
+    token = sandbox(world, "prune00001")
+    with httpx.Client(base_url=world["base"], headers=headers(token), timeout=30) as http:
+        assert http.post("/v1/messages", json=body()).status_code == 200
+    exchanges(world, "prune00001")
+    with psycopg.connect(world["database"], autocommit=True) as conn:
+        # What a gateway that died mid-answer leaves: an open exchange holding 500 tokens.
+        conn.execute(
+            "INSERT INTO ai_exchanges (sandbox_id, kind, reserved, started_at)"
+            " VALUES ('prune00001', 'messages', 500, now() - interval '1 hour')"
+        )
+        conn.execute(
+            "UPDATE ai_usage SET reserved_tokens = reserved_tokens + 500"
+            " WHERE sandbox_id = 'prune00001'"
+        )
+        assert ai_store.release_stale(conn) == 1
+        (held,) = conn.execute(
+            "SELECT reserved_tokens FROM ai_usage WHERE sandbox_id = 'prune00001'"
+        ).fetchone() or (None,)
+        assert held == 0
+        assert conn.execute(
+            "SELECT count(*) FROM ai_exchanges WHERE finished_at IS NULL"
+        ).fetchone() == (0,)
+        # Kept for the recordings' retention, then gone with its token.
+        now = datetime.now(UTC)
+        assert ai_store.prune(conn, now=now, retention=timedelta(days=30)) == 0
+        conn.execute(
+            "UPDATE ai_usage SET created_at = now() - interval '31 days'"
+            " WHERE sandbox_id = 'prune00001'"
+        )
+        assert ai_store.prune(conn, now=now, retention=timedelta(days=30)) == 1
+        for table in ("ai_usage", "ai_exchanges", "ai_tokens"):
+            found = conn.execute(
+                f"SELECT count(*) FROM {table} WHERE sandbox_id = 'prune00001'"  # noqa: S608
+            ).fetchone()
+            assert found == (0,), table

@@ -30,7 +30,6 @@ from typing import Any
 import docker
 import docker.errors
 
-from engine.spec import CLAUDE_AUTH_VOLUME
 from engine.templates import Template
 
 log = logging.getLogger("sandbox_engine.ai")
@@ -147,9 +146,11 @@ def _tar(files: dict[str, tuple[bytes, int, int, int]]) -> bytes:
 
 
 class OperatorConfig:
-    """The ``claude-auth`` volume's files, read through a container that never starts."""
+    """The ``claude-auth`` volume's saved config, read through a container that never starts,
+    once a minute at most."""
 
-    def __init__(self) -> None:
+    def __init__(self, volume: str) -> None:
+        self.volume = volume
         self._lock = threading.Lock()
         self._at = 0.0
         self._config: dict[str, Any] = {}
@@ -158,32 +159,38 @@ class OperatorConfig:
         with self._lock:
             if time.monotonic() - self._at < CONFIG_TTL:
                 return self._config
-            raw = read_volume_file(client, image, "config.json")
+            raw = read_volume_file(client, image, self.volume, "config.json")
             parsed: Any = {}
             if raw:
                 try:
                     parsed = json.loads(raw)
                 except ValueError:
-                    log.warning("%s/config.json is no JSON: not used", CLAUDE_AUTH_VOLUME)
+                    log.warning("%s/config.json is no JSON: not used", self.volume)
             self._config = parsed if isinstance(parsed, dict) else {}
             self._at = time.monotonic()
             return self._config
 
 
-def read_volume_file(client: docker.DockerClient, image: str, name: str) -> bytes | None:
-    """One file of the ``claude-auth`` volume (None: no volume, no such file, or too big)."""
+def read_volume_file(
+    client: docker.DockerClient, image: str, volume: str, name: str
+) -> bytes | None:
+    """One file of the volume (None: no volume, no such file, or too big)."""
     try:
-        client.volumes.get(CLAUDE_AUTH_VOLUME)
+        client.volumes.get(volume)
     except docker.errors.NotFound:
         return None
     holder = client.api.create_container(
         image,
         command=["true"],
         host_config=client.api.create_host_config(
-            mounts=[docker.types.Mount("/v", CLAUDE_AUTH_VOLUME, type="volume", read_only=True)],
+            mounts=[docker.types.Mount("/v", volume, type="volume", read_only=True)],
             network_mode="none",
         ),
-        labels={"io.sandbox-engine.managed-by": "sandbox-engine"},
+        # The engine's, but no sandbox's: never mistaken for a sandbox's container.
+        labels={
+            "io.sandbox-engine.managed-by": "sandbox-engine",
+            "io.sandbox-engine.role": "claude-auth-reader",
+        },
     )
     try:
         stream, stat = client.api.get_archive(holder["Id"], f"/v/{name}")
