@@ -24,6 +24,7 @@ import pytest
 
 from engine.ai.workspace import CONFIG_KEYS, MANAGED_SETTINGS
 from engine.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, L_ROLE, L_SANDBOX, MANAGED_BY
+from engine.stacks import remove_labelled
 from tests.ai_upstream import Upstream, serving
 from tests.api_server import Engine, engine_http, prepare, wait_for_state
 from tests.conftest import ROOT, TEST_LABEL
@@ -116,6 +117,12 @@ def world(
                 wait_for_state(http, sid, "destroyed")
             http.close()
             engine.stop()
+            # The warm pool's sandboxes (refilled after the claim) outlive an engine by
+            # design: nothing of the test's is left.
+            with psycopg.connect(module_database) as conn:
+                for (sid,) in conn.execute("SELECT id FROM sandboxes").fetchall():
+                    remove_labelled(sid)
+                    (ROOT / ".state" / "stacks" / f"Pulumi.sbx-{sid}.yaml").unlink(missing_ok=True)
     log = engine.log.read_text()
     assert OPERATOR_KEY not in log, "the operator's key is in the engine's log"
 
