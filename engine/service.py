@@ -377,11 +377,9 @@ class SandboxService:
             if not full:
                 self._pending_creates -= 1
             self._spawn(self.refill_pool(template.name))
-            try:  # its gateway token is the claimer's: minted now
-                await self._set_up_claude(row, template, row.outputs or {}, first=False)
-            except Exception as exc:
-                log.warning("sandbox %s: Claude Code could not be set up: %s", row.id, exc)
-                await self._event(row.id, "progress", f"claude: not set up: {describe(exc)}")
+            # Its gateway token is the claimer's: minted now, beside the answer (a claim is
+            # answered in milliseconds; the token is in place a few tens of them later).
+            self._spawn(self._claimed_claude(row, template))
             return row, True
         self._spawn(
             self._create_job(
@@ -867,6 +865,13 @@ class SandboxService:
         await self._finish(row.id, ready, outputs=outputs)
         if row.owner_id is None:
             self._pool_backoff.pop(row.template, None)
+
+    async def _claimed_claude(self, row: SandboxRow, template: Template) -> None:
+        try:
+            await self._set_up_claude(row, template, row.outputs or {}, first=False)
+        except Exception as exc:
+            log.warning("sandbox %s: Claude Code could not be set up: %s", row.id, exc)
+            await self._event(row.id, "progress", f"claude: not set up: {describe(exc)}")
 
     async def _set_up_claude(
         self, row: SandboxRow, template: Template, outputs: dict[str, Any], *, first: bool

@@ -495,6 +495,10 @@ def test_a_pool_sandbox_s_token_is_minted_at_its_claim(world: World) -> None:
     sid = claimed.json()["id"]
     world.ids["pooled"] = sid
     assert sid == pooled
+    deadline = time.monotonic() + 10  # written beside the claim's answer
+    while "env" not in world.settings_of("pooled"):
+        assert time.monotonic() < deadline, world.settings_of("pooled")
+        time.sleep(0.05)
     env = world.settings_of("pooled")["env"]
     assert env["ANTHROPIC_AUTH_TOKEN"].startswith("sgt_")
     code, out = world.sh("pooled", "claude -p 'hello from the pool'")
