@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image images web edge run test test-slow bench lint format env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images web edge run test test-slow bench lint format docs env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ lint: venv ## ruff and mypy
 format: venv ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+docs: venv ## regenerate docs/templates.md's field table from the template schema
+	$(BIN)/python -m engine.model.schema docs/templates.md
 
 env: venv ## print shell exports: eval "$$(make -s env)"
 	@$(BIN)/sandbox-engine env

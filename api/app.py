@@ -23,10 +23,10 @@ from api.routes import access, ai, archives, keys, ops, recordings, sandboxes, t
 from engine import tokens
 from engine.ai import gateway as ai_gateway
 from engine.migrate import migrate
-from engine.reaper import Reaper
-from engine.service import SandboxService
+from engine.sandboxes.reaper import Reaper
+from engine.sandboxes.service import SandboxService
+from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
-from engine.stacks import StackManager
 
 MAX_BODY_BYTES = 64 * 1024
 IO_THREADS = 32
@@ -66,76 +66,49 @@ class LimitsAndMetrics:
             self.requests.labels(scope["method"], route, str(status)).inc()
 
 
-def create_app(settings: Settings) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        url = settings.database_url.get_secret_value()
-        # Database calls, Docker calls and terminal set-ups run on these threads (stack
-        # operations have their own): enough that a burst never queues a request behind them.
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="engine-io")
-        )
-        # Requests hop between the event loop and those threads; with the interpreter's default
-        # 5 ms between thread switches, a hop can wait that long behind a busy thread, and
-        # under load the waits stack up (GET list p99 47-112 ms at 200/s; 15-32 ms with this).
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        # The schema is brought up to date before the first request (migrations are locked).
-        await asyncio.to_thread(migrate, url)
-        # Connections are checked when taken (a round trip of ~0.1 ms), so after a database
-        # restart no request meets a dead one; a request waits at most DB_WAIT seconds for a
-        # connection, then is answered 503 (api/problems.py) instead of hanging.
-        pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=16,
-            open=False,
-            timeout=DB_WAIT,
-            check=ConnectionPool.check_connection,
-        )
-        await asyncio.to_thread(pool.open, True, 30.0)
-        reads = AsyncConnectionPool(
-            url,
-            min_size=1,
-            max_size=8,
-            open=False,
-            timeout=DB_WAIT,
-            check=AsyncConnectionPool.check_connection,
-        )
-        await reads.open(wait=True, timeout=30.0)
-        stacks = await asyncio.to_thread(StackManager, settings)
-        app.state.settings = settings
-        app.state.service = SandboxService(settings, pool, stacks, reads)
-        await app.state.service.start()
-        app.state.secret_key = tokens.secret_key(settings)
-        exits = contextlib.AsyncExitStack()
+@asynccontextmanager
+async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """Everything long-lived, started before the first request and stopped after the last."""
+    # Database calls, Docker calls and terminal set-ups run on these threads (stack
+    # operations have their own): enough that a burst never queues a request behind them.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="engine-io")
+    )
+    # Requests hop between the event loop and those threads; with the interpreter's default
+    # 5 ms between thread switches, a hop can wait that long behind a busy thread, and
+    # under load the waits stack up (GET list p99 47-112 ms at 200/s; 15-32 ms with this).
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    async with contextlib.AsyncExitStack() as exits:
+        pool, reads = await _pools(settings, exits)
         app.state.gateway = None
         if settings.gateway_serve:
-            # The AI gateway on its own listener, in this event loop (engine/ai/gateway.py).
-            gateway = await exits.enter_async_context(ai_gateway.running(settings))
-            app.state.gateway = gateway
-            app.state.service.gateway_port = gateway.port
+            # The AI gateway on its own listener, in this event loop (engine/ai/gateway.py);
+            # it stops after the service, whose jobs in flight may still use it.
+            app.state.gateway = await exits.enter_async_context(ai_gateway.running(settings))
+        stacks = await asyncio.to_thread(StackManager, settings)
+        app.state.settings = settings
+        app.state.service = service = SandboxService(settings, pool, stacks, reads)
+        await service.start()
+        exits.push_async_callback(service.close)
+        if app.state.gateway is not None:
+            service.gateway_port = app.state.gateway.port
+        app.state.secret_key = tokens.secret_key(settings)
         # Sandboxes a previous engine process left mid-operation are settled first.
-        await app.state.service.reconcile()
-        reaper = None
+        await service.reconcile()
         if settings.reap_interval > 0:
             reaper = asyncio.create_task(
-                Reaper(app.state.service, interval=settings.reap_interval).run_forever()
+                Reaper(service, interval=settings.reap_interval).run_forever()
             )
-        try:
-            yield
-        finally:
-            if reaper is not None:
-                reaper.cancel()
-            await app.state.service.close()
-            await exits.aclose()
-            await reads.close()
-            await asyncio.to_thread(pool.close)
+            exits.callback(reaper.cancel)
+        yield
 
+
+def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Sandbox Engine",
         version="0.1.0",
         summary="Disposable Linux workspaces with the Claude Code CLI, one Pulumi stack each.",
-        lifespan=lifespan,
+        lifespan=lambda app: _lifespan(app, settings),
     )
     problems.install(app)
     openapi.install(app)
@@ -166,6 +139,31 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     install_ui(app, settings.web_path)
     return app
+
+
+async def _pools(
+    settings: Settings, exits: contextlib.AsyncExitStack
+) -> tuple[ConnectionPool, AsyncConnectionPool]:
+    """The schema brought up to date (migrations are locked), then the engine's connection
+    pools: one for its threads, one for reads on the event loop; closed with ``exits``."""
+    url = settings.database_url.get_secret_value()
+    await asyncio.to_thread(migrate, url)
+    # Connections are checked when taken (a round trip of ~0.1 ms), so after a database
+    # restart no request meets a dead one; a request waits at most DB_WAIT seconds for a
+    # connection, then is answered 503 (api/problems.py) instead of hanging.
+    pool = ConnectionPool(
+        url, min_size=1, max_size=16, open=False, timeout=DB_WAIT,
+        check=ConnectionPool.check_connection,
+    )  # fmt: skip
+    await asyncio.to_thread(pool.open, True, 30.0)
+    exits.push_async_callback(asyncio.to_thread, pool.close)
+    reads = AsyncConnectionPool(
+        url, min_size=1, max_size=8, open=False, timeout=DB_WAIT,
+        check=AsyncConnectionPool.check_connection,
+    )  # fmt: skip
+    await reads.open(wait=True, timeout=30.0)
+    exits.push_async_callback(reads.close)
+    return pool, reads
 
 
 def install_ui(app: FastAPI, web: Path) -> None:

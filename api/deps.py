@@ -9,7 +9,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.requests import HTTPConnection
 
 from api.failures import AuthFailures, address
-from engine.service import SandboxService
+from engine.sandboxes.service import SandboxService
 from engine.store import Client
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from api import openapi
 from engine.errors import ConflictError, EngineError, NotFoundError, StackError, TemplateError
-from engine.service import EngineBusy, InvalidRequest, QuotaExceeded
+from engine.sandboxes.service import EngineBusy, InvalidRequest, QuotaExceeded
 
 log = logging.getLogger("sandbox_engine.api")
 TITLES = {

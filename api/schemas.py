@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from engine.model.schema import describe
+
 # Text from a client: PostgreSQL text and JSONB cannot hold NUL, so it is refused here (422).
 Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 # Path parameters, bounded as their columns are (text without NUL, bigint).
@@ -70,7 +72,7 @@ class SandboxList(BaseModel):
 
 
 class TimelineEntry(BaseModel):
-    """One moment of a sandbox's activity timeline (engine/timeline.py)."""
+    """One moment of a sandbox's activity timeline (engine/hiring/timeline.py)."""
 
     at: datetime
     what: str = Field(
@@ -81,16 +83,21 @@ class TimelineEntry(BaseModel):
 
 
 class TemplatePublic(BaseModel):
-    name: str
-    description: str
-    base_image: str
-    services: list[str]
-    cpu_limit: float
-    memory_limit: str
-    pids_limit: int
-    ttl: str
-    max_ttl: str
-    expose: list[dict[str, Any]]
+    """A template as its file declares it (engine/model/schema.py), units as text."""
+
+    name: str = Field(description=describe("name"))
+    description: str = Field(description=describe("description"))
+    base_image: str = Field(description=describe("base_image"))
+    services: list[str] = Field(description=describe("services"))
+    cpu_limit: float = Field(description=describe("resources.cpu_limit"))
+    memory_limit: str = Field(description=describe("resources.memory_limit"), examples=["4096Mi"])
+    pids_limit: int = Field(description=describe("resources.pids_limit"))
+    ttl: str = Field(description=describe("ttl"))
+    max_ttl: str = Field(description=describe("max_ttl"))
+    expose: list[dict[str, Any]] = Field(
+        description=f"{describe('expose')}: container ({describe('expose.container')}) and"
+        f" public ({describe('expose.public')})"
+    )
 
 
 class PreviewChange(BaseModel):
@@ -181,7 +188,7 @@ class RecordingList(BaseModel):
 
 
 class ArchivePublic(BaseModel):
-    """A workspace archive (engine/archives.py); it outlives its sandbox."""
+    """A workspace archive (engine/hiring/archives.py); it outlives its sandbox."""
 
     id: int
     sandbox_id: str

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 
     import psycopg
 
-    from engine.service import SandboxService
-    from engine.stacks import StackManager
+    from engine.sandboxes.service import SandboxService
+    from engine.sandboxes.stacks import StackManager
     from engine.store import Client, SandboxRow
 
 
 def _cmd_doctor(settings: Settings, _: argparse.Namespace) -> int:
-    from engine.doctor import render, run_checks
+    from engine.host.doctor import render, run_checks
 
     checks = run_checks(settings)
     print(render(checks))
@@ -32,7 +32,7 @@ def _cmd_doctor(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _cmd_env(settings: Settings, _: argparse.Namespace) -> int:
-    from engine.toolenv import pulumi_env
+    from engine.host.toolenv import pulumi_env
 
     env = pulumi_env(settings)
     env["SANDBOX_DATABASE_URL"] = settings.database_url.get_secret_value()
@@ -42,7 +42,7 @@ def _cmd_env(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _cmd_images_build(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.images import ImageBuildError, build
+    from engine.host.images import ImageBuildError, build
 
     try:
         build(
@@ -62,7 +62,7 @@ def _cmd_templates_validate(settings: Settings, args: argparse.Namespace) -> int
     from pathlib import Path
 
     from engine.errors import TemplateError
-    from engine.templates import load
+    from engine.model.templates import load
 
     files = [Path(f) for f in args.files] or sorted(settings.templates_path.glob("*.yaml"))
     failed = 0
@@ -83,13 +83,13 @@ def _cmd_templates_validate(settings: Settings, args: argparse.Namespace) -> int
 
 
 def _manager(settings: Settings) -> StackManager:
-    from engine.stacks import StackManager
+    from engine.sandboxes.stacks import StackManager
 
     return StackManager(settings)
 
 
 def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.templates import find
+    from engine.model.templates import find
 
     preview = _manager(settings).preview_template(
         find(settings.templates_path, args.template), settings.templates_path
@@ -110,7 +110,7 @@ def _with_service(settings: Settings, work: Callable[..., Awaitable[int]]) -> in
 
     from engine import store
     from engine.migrate import migrate
-    from engine.service import SandboxService
+    from engine.sandboxes.service import SandboxService
 
     async def main() -> int:
         url = settings.database_url.get_secret_value()
@@ -151,7 +151,7 @@ async def _follow(
 
 
 def _cmd_sandbox_create(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.service import CreateRequest
+    from engine.sandboxes.service import CreateRequest
 
     async def work(service: SandboxService, client: Client) -> int:
         row, _ = await service.create(client, CreateRequest(template=args.template, ttl=args.ttl))
@@ -192,7 +192,7 @@ def _cmd_sandbox_destroy(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.reaper import Reaper
+    from engine.sandboxes.reaper import Reaper
 
     async def work(service: SandboxService, client: Client) -> int:
         reaper = Reaper(service, interval=settings.reap_interval or 15)
@@ -370,7 +370,7 @@ def _cmd_gateway(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.edge import Edge
+    from engine.host.edge import Edge
 
     edge = Edge(settings)
     if args.edge_command == "start":
@@ -385,7 +385,7 @@ def _cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_firewall(settings: Settings, args: argparse.Namespace) -> int:
-    from engine import firewall
+    from engine.host import firewall
 
     try:
         if args.firewall_command == "apply":

@@ -48,7 +48,7 @@ def describe(exc: BaseException) -> str:
     import docker.errors
     from pulumi import automation as auto
 
-    from engine.pulumi_cli import describe_command_error
+    from engine.sandboxes.pulumi_cli import describe_command_error
 
     if isinstance(exc, EngineError):
         return str(exc)

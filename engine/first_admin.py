@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 
 from engine import store
-from engine.toolenv import ensure_secret_file
+from engine.host.toolenv import ensure_secret_file
 
 FILE_NAME = "first-admin-key"
 MAKE_KEY = "sandbox-engine keys create --name <your name> --role admin"

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     shared_provider: bool = True
     # Seconds one Pulumi run that touches resources (up, destroy, refresh, preview) may take;
     # past it the run is stopped and the operation fails naming the bound. Other runs (stack
-    # ls, stack init, config…) have 120 s (engine/pulumi_cli.py).
+    # ls, stack init, config…) have 120 s (engine/sandboxes/pulumi_cli.py).
     pulumi_timeout: float = Field(default=900, ge=10, le=86400)
     # Seconds a stop (SIGINT, SIGTERM) gives requests and stack operations in flight to finish;
     # what is still running then is cut short and left for the next start's recovery.
@@ -177,7 +177,7 @@ class Settings(BaseSettings):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        from engine.spec import DOMAIN
+        from engine.model.spec import DOMAIN
 
         if not DOMAIN.match(value):
             raise ValueError(

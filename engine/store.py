@@ -385,6 +385,22 @@ def transition(
     return row
 
 
+def begin_destroy(
+    conn: psycopg.Connection,
+    sandbox_id: str,
+    reason: DestroyReason,
+    *,
+    worker: str | None,
+    why: str = "",
+) -> SandboxRow | None:
+    """Move a sandbox to ``destroying`` with its reason, and say so in its events; None when its
+    state does not allow it."""
+    row = transition(conn, sandbox_id, SandboxState.DESTROYING, reason=reason.value, worker=worker)
+    if row is not None:
+        add_event(conn, sandbox_id, "state", f"destroying ({reason})" + (f": {why}" if why else ""))
+    return row
+
+
 def extend(conn: psycopg.Connection, sandbox_id: str, *, expires_at: datetime) -> SandboxRow | None:
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(

@@ -12,8 +12,8 @@ import hashlib
 import hmac
 from datetime import UTC, datetime
 
+from engine.host.toolenv import ensure_secret_file
 from engine.settings import Settings
-from engine.toolenv import ensure_secret_file
 
 PREFIX = "sat_"
 

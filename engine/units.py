@@ -52,3 +52,8 @@ def format_duration(value: timedelta) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return "".join(f"{n}{u}" for n, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if n) or "0s"
+
+
+def format_duration_short(seconds: int) -> str:
+    """A span as a person reads it in a message: "3 min" from two minutes on, else "42 s"."""
+    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"

@@ -1,7 +1,7 @@
 """The Pulumi program behind every sandbox stack (``sbx-<id>``), as one function.
 
 The stack's config names the template and the request; the spec is computed from them here
-(``engine.spec``, pure), so a change to a template shows in ``pulumi preview --diff`` of every
+(``engine.model.spec``, pure), so a change to a template shows in ``pulumi preview --diff`` of every
 sandbox made from it. ``stacks/sandbox.py`` maps the spec to resources.
 
 Two callers run exactly this function: ``stacks/__main__.py`` when the plain ``pulumi`` CLI (or
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pulumi
 
-from engine.spec import SandboxRequest, SpecSettings, build_spec
-from engine.templates import load
+from engine.model.spec import SandboxRequest, SpecSettings, build_spec
+from engine.model.templates import load
 from stacks.sandbox import declare
 
 

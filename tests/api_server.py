@@ -27,8 +27,8 @@ import websockets
 from api.app import create_app
 from api.terminal import MAX_FRAME
 from engine.migrate import migrate
+from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
-from engine.stacks import StackManager
 from engine.store import Role, create_client
 from tests.conftest import ROOT
 

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 from pulumi import automation as auto
 
+from engine.host.toolenv import pulumi_command
 from engine.settings import Settings
-from engine.toolenv import pulumi_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # Engines started by tests keep no stack reserve unless a test asks for one: reserved stacks

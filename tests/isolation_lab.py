@@ -15,8 +15,8 @@ import docker
 import httpx
 import pytest
 
-from engine import firewall
-from engine.spec import L_ROLE, L_SANDBOX
+from engine.host import firewall
+from engine.model.spec import L_ROLE, L_SANDBOX
 from tests.api_server import Engine, prepare, wait_for_state
 
 ROOT = Path(__file__).resolve().parent.parent

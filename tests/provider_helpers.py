@@ -10,8 +10,8 @@ from typing import Any
 import docker
 from pulumi import automation as auto
 
+from engine.host.toolenv import pulumi_env, workspace_options
 from engine.settings import Settings
-from engine.toolenv import pulumi_env, workspace_options
 from tests.conftest import ROOT, TEST_LABEL
 
 FIXTURES = ROOT / "tests" / "fixtures"

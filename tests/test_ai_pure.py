@@ -11,9 +11,10 @@ import pytest
 
 from engine.ai import budget, transcript
 from engine.ai.stream import Assembler, from_message
-from engine.ai.workspace import first_screen, gateway_env, managed_settings, place
+from engine.ai.workspace import first_screen, gateway_env, managed_settings
+from engine.backend.docker import place
 from engine.errors import TemplateError
-from engine.templates import load
+from engine.model.templates import load
 
 STREAM = [
     {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "usage": {

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 import websockets
 
+from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import Terminal, close_code, serve
 
@@ -372,7 +372,7 @@ def test_every_closed_terminal_is_hung_up(
 
 
 def test_the_handshake_reads_the_pid_after_the_echo() -> None:
-    from api.terminal import _read_pid
+    from engine.terminal.session import read_pid as _read_pid
 
     def read(*chunks: bytes) -> tuple[str, bytes]:
         ours, theirs = socket.socketpair()

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 import websockets
 
-from engine.archives import Archiver, take_expired
+from engine.backend.docker import DockerBackend
+from engine.hiring.archives import Archiver, take_expired
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
@@ -216,7 +217,7 @@ def test_expired_archives_are_taken_with_their_files(database: str, tmp_path: Pa
             return fn(conn, *args, **kwargs)
 
     settings = Settings(database_url=database, archives_dir=folder)
-    assert asyncio.run(Archiver(settings, db).prune(now)) == 2
+    assert asyncio.run(Archiver(settings, db, DockerBackend()).prune(now)) == 2
     assert sorted(p.name for p in folder.iterdir()) == ["fresh.tar.gz"]
     with psycopg.connect(database) as conn:
         assert [r[0] for r in conn.execute("SELECT sandbox_id FROM archives")] == ["fresh"]

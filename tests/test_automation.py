@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from pulumi import automation as auto
 
+from engine.host.toolenv import workspace_options
 from engine.settings import Settings
-from engine.toolenv import workspace_options
 from tests.conftest import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "file-program"

@@ -23,8 +23,8 @@ import psycopg
 import pytest
 
 from engine.ai.workspace import CONFIG_KEYS, MANAGED_SETTINGS
-from engine.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, L_ROLE, L_SANDBOX, MANAGED_BY
-from engine.stacks import remove_labelled
+from engine.backend.docker import remove_labelled
+from engine.model.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, L_ROLE, L_SANDBOX, MANAGED_BY
 from tests.ai_upstream import Upstream, serving
 from tests.api_server import Engine, engine_http, prepare, wait_for_state
 from tests.conftest import ROOT, TEST_LABEL

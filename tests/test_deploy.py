@@ -19,8 +19,8 @@ import docker
 import httpx
 import pytest
 
-from engine import firewall
-from engine.stacks import remove_labelled
+from engine.backend.docker import remove_labelled
+from engine.host import firewall
 from tests.ai_upstream import serving
 from tests.conftest import ROOT
 from tests.gateway_lock import gateway_port
@@ -100,7 +100,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         TRAEFIK_PING_PORT=str(ports["ping"]),
     )
     made: list[str] = []
-    with gateway_port(), serving() as (upstream_url, upstream):
+    with serving() as (upstream_url, upstream):
         with env.open("a") as fh:
             fh.write(
                 f"SANDBOX_ANTHROPIC_UPSTREAM={upstream_url}\n"
@@ -109,7 +109,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
                 f"SANDBOX_GATEWAY_METRICS_PORT={free_port()}\n"
             )
         try:
-            compose(env, project, "up", "-d", "--no-build")
+            # All but the AI gateway, whose port is taken in turn (tests/gateway_lock.py): the
+            # test starts it when it needs it.
+            compose(env, project, "up", "-d", "--no-build", "traefik", "firewall", "api")
             yield {
                 "env": env,
                 "project": project,
@@ -121,6 +123,24 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             for sid in made:
                 remove_labelled(sid)
             compose(env, project, "down", "-v", "--remove-orphans", check=False)
+
+
+def _claude_when_the_gateway_answers(workspace: Any) -> Any:
+    """``claude -p`` in the workspace once the gateway service listens (it starts in about a
+    second; Claude Code would retry a refused connection for minutes)."""
+    deadline = time.monotonic() + 60
+    probe = "curl -s -o /dev/null -I -m 2 -w '%{http_code}' \"$ANTHROPIC_BASE_URL/\""
+    settings = "/etc/claude-code/managed-settings.json"
+    base = workspace.exec_run(["sh", "-c", f"grep -o 'http://[^\"]*' {settings} | head -1"])
+    url = base.output.decode().strip()
+    while time.monotonic() < deadline:
+        ran = workspace.exec_run(["sh", "-c", probe.replace("$ANTHROPIC_BASE_URL", url)])
+        if ran.output.decode().strip() == "200":
+            break
+        time.sleep(0.5)
+    return workspace.exec_run(
+        ["bash", "-lc", "cd ~/workspace && claude -p 'hello from the deploy'"], user="coder"
+    )
 
 
 def edge_get(d: dict[str, Any], host: str, path: str, **kw: Any) -> httpx.Response:
@@ -188,9 +208,12 @@ def test_the_stack_serves_the_api_and_sandboxes_through_traefik(
     assert body["endpoints"][0]["url"] == f"https://{host}"
     workspace = docker_client.containers.get(body["workspace"])
     # Claude Code through the gateway service, with the operator's key added there only.
-    said = workspace.exec_run(
-        ["bash", "-lc", "cd ~/workspace && claude -p 'hello from the deploy'"], user="coder"
-    )
+    with gateway_port():
+        compose(d["env"], d["project"], "up", "-d", "--no-build", "gateway")
+        try:
+            said = _claude_when_the_gateway_answers(workspace)
+        finally:
+            compose(d["env"], d["project"], "stop", "gateway")
     assert said.exit_code == 0 and b"stand-in model" in said.output, said.output
     seen = d["upstream"].seen
     assert seen and {r.headers.get("x-api-key") for r in seen} == {"sk-ant-api03-deploy-smoke"}

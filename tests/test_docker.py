@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import docker
 
-from engine.doctor import BASE_IMAGE
+from engine.host.doctor import BASE_IMAGE
 from tests.conftest import TEST_LABEL
 
 

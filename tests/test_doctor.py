@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.doctor import network_capacity, run_checks
+from engine.host.doctor import network_capacity, run_checks
 from engine.settings import Settings
 from tests.conftest import ROOT
 

@@ -17,12 +17,13 @@ import pytest
 import websockets
 
 from engine import store
+from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
+from engine.model.spec import L_ENGINE, L_MANAGED, L_SANDBOX, MANAGED_BY
+from engine.model.templates import find
+from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
-from engine.spec import L_ENGINE, L_MANAGED, L_SANDBOX, MANAGED_BY
-from engine.stacks import StackManager, remove_labelled
 from engine.store import Role, create_client
-from engine.templates import find
 from tests.api_server import Terminal, nothing_left, serve
 from tests.conftest import ROOT, TEST_LABEL
 from tests.test_reaper import NOW, row

@@ -22,9 +22,9 @@ import psycopg
 import pytest
 
 from api.app import DB_WAIT
+from engine.backend.docker import engine_objects, remove_labelled
+from engine.model.spec import L_ROLE, L_SANDBOX
 from engine.settings import Settings
-from engine.spec import L_ROLE, L_SANDBOX
-from engine.stacks import engine_objects, remove_labelled
 from tests.api_server import Engine, prepare
 from tests.conftest import ROOT
 

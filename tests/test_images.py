@@ -11,7 +11,7 @@ import docker
 import psycopg
 import pytest
 
-from engine.images import IMAGES, build
+from engine.host.images import IMAGES, build
 from tests.conftest import ROOT, TEST_LABEL
 
 WORKSPACES = ["workspace-base", "workspace-python", "workspace-node", "workspace-go"]

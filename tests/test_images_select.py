@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.images import BASE_IMAGE, IMAGES, build_args, context_hash, select
+from engine.host.images import BASE_IMAGE, IMAGES, build_args, context_hash, select
 
 
 def test_everything_in_dependency_order() -> None:

@@ -17,7 +17,7 @@ import docker
 import httpx
 import pytest
 
-from engine import firewall
+from engine.host import firewall
 from tests.isolation_lab import Lab, make_lab
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from engine.backend.docker import engine_objects
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import engine_objects
 from engine.store import Role, create_client
 from tests.api_server import serve
 

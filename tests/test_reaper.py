@@ -14,9 +14,9 @@ import psycopg
 import pytest
 
 from engine.migrate import migrate
-from engine.reaper import claim_expired, should_reap
+from engine.sandboxes.reaper import claim_expired, should_reap
+from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
-from engine.stacks import StackManager
 from engine.store import Role, SandboxRow, create_client
 from tests.api_server import serve
 from tests.conftest import ROOT

@@ -22,12 +22,13 @@ import pyte
 import pytest
 import websockets
 
-from engine import recordings, tokens
+from engine import tokens
+from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
-from engine.recordings import Activity, Recorder, RecordingRow, find_submits
 from engine.settings import Settings
-from engine.stacks import remove_labelled
 from engine.store import Role, create_client
+from engine.terminal import recordings
+from engine.terminal.recordings import Activity, Recorder, RecordingRow, find_submits
 from tests.api_server import Terminal, running_sandbox, serve
 from tests.conftest import ROOT
 

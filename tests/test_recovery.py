@@ -15,8 +15,8 @@ import docker
 import psycopg
 import pytest
 
+from engine.backend.docker import remove_labelled
 from engine.settings import Settings
-from engine.stacks import remove_labelled
 from tests.api_server import (
     Engine,
     engine_http,

@@ -15,10 +15,10 @@ import httpx
 import psycopg
 import pytest
 
-from engine.edge import Edge, EdgeError
+from engine.backend.docker import ensure_edge_network, remove_labelled
+from engine.host.edge import Edge, EdgeError
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import ensure_edge_network, remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import serve
 from tests.conftest import ROOT

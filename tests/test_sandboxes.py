@@ -12,10 +12,10 @@ import docker
 import pytest
 
 from engine.errors import StackError, TemplateError
+from engine.model.spec import CLAUDE_AUTH_VOLUME
+from engine.model.templates import find, load
+from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
-from engine.spec import CLAUDE_AUTH_VOLUME
-from engine.stacks import StackManager
-from engine.templates import find, load
 from tests.conftest import ROOT
 from tests.provider_helpers import cli_env, leftovers
 

@@ -23,8 +23,8 @@ from psycopg import sql
 from pydantic import SecretStr
 
 from engine.migrate import migrate
+from engine.model.spec import L_ROLE, L_SANDBOX
 from engine.settings import Settings
-from engine.spec import L_ROLE, L_SANDBOX
 from engine.store import Role, create_client
 from tests.ai_upstream import serving
 from tests.api_server import Terminal, serve

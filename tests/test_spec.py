@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.spec import (
+from engine.model.spec import (
     ContainerSpec,
     Endpoint,
     Mount,
@@ -14,7 +14,7 @@ from engine.spec import (
     bridge_name,
     build_spec,
 )
-from engine.templates import load
+from engine.model.templates import load
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "templates"

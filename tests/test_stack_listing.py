@@ -12,11 +12,11 @@ import time
 import pytest
 from pydantic import SecretStr
 
-from engine.doctor import check_state_backend
-from engine.pulumi_cli import EngineCommand, PulumiTimeout
+from engine.host.doctor import check_state_backend
+from engine.host.toolenv import pulumi_env
+from engine.sandboxes.pulumi_cli import EngineCommand, PulumiTimeout
+from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
-from engine.stacks import StackManager
-from engine.toolenv import pulumi_env
 from tests.api_server import descendants
 from tests.conftest import ROOT
 

@@ -10,7 +10,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import docker
 import httpx
@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from engine.errors import TemplateError
+from engine.hiring.tasks import pack
 from engine.migrate import migrate
-from engine.service import _Emitter
+from engine.model.spec import L_ROLE, L_SANDBOX
+from engine.model.templates import load
+from engine.sandboxes.jobs import Emitter
 from engine.settings import Settings
-from engine.spec import L_ROLE, L_SANDBOX
 from engine.store import Role, create_client
-from engine.tasks import pack
-from engine.templates import load
 from tests.api_server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_a_threads_lines_are_written_in_the_order_emitted() -> None:
             written.append(line)
 
     async def main() -> None:
-        emit = _Emitter(cast(Any, Sink()), "sbx1", "task", asyncio.get_running_loop())
+        emit = Emitter(Sink()._event, "sbx1", "task", asyncio.get_running_loop())
 
         def produce() -> None:
             for n in range(60):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import TemplateError
-from engine.templates import MAX_FILE_BYTES, Expose, load, load_all
+from engine.model.schema import with_table
+from engine.model.templates import MAX_FILE_BYTES, Expose, load, load_all
 from engine.units import format_duration, parse_cpus, parse_duration, parse_memory
 from tests.conftest import ROOT
 
@@ -106,3 +107,9 @@ def test_cpu_units(text: str, value: float) -> None:
 def test_durations(text: str, seconds: int) -> None:
     assert parse_duration(text).total_seconds() == seconds
     assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+
+
+def test_the_docs_field_table_is_the_schema_s() -> None:
+    doc = (ROOT / "docs" / "templates.md").read_text()
+    assert "<!-- fields: begin -->" in doc
+    assert with_table(doc) == doc, "docs/templates.md's field table is stale: run `make docs`"

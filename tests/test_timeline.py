@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from engine.hiring.timeline import timeline
 from engine.store import Event
-from engine.timeline import timeline
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 EVENTS = [

@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import remove_labelled
 from engine.store import Role, create_client
 from tests.api_server import serve
 from tests.conftest import ROOT

@@ -19,9 +19,9 @@ import pytest
 import websockets
 from pydantic import SecretStr
 
+from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.stacks import remove_labelled
 from engine.store import Role, create_client
 from tests.ai_upstream import serving
 from tests.api_server import Terminal, running_sandbox, serve

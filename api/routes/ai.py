@@ -11,7 +11,7 @@ from api.schemas import AiExchange, AiSession, AiTranscript, AiUsage, SandboxId
 from engine.ai import store as ai_store
 from engine.ai.transcript import entry
 from engine.errors import NotFoundError
-from engine.service import SandboxService
+from engine.sandboxes.service import SandboxService
 from engine.store import Client
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["ai"])

@@ -10,9 +10,9 @@ from fastapi.responses import FileResponse
 
 from api.deps import ClientDep, ServiceDep
 from api.schemas import ArchiveList, ArchivePublic, SandboxId, SubmitReport
-from engine import archives
 from engine.errors import NotFoundError
-from engine.service import SandboxService
+from engine.hiring import archives
+from engine.sandboxes.service import SandboxService
 from engine.store import Client
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["archives"])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import docker
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from api.problems import problem
-from engine.service import SandboxService
+from engine.sandboxes.service import SandboxService
 
 router = APIRouter(tags=["ops"])
 
@@ -22,19 +21,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {}})
 async def readyz(request: Request) -> Response:
-    """Readiness: the database and dockerd answer."""
+    """Readiness: the database and the backend (dockerd) answer."""
     service: SandboxService = request.app.state.service
-
-    def docker_ok() -> None:
-        client = docker.from_env(timeout=3)
-        try:
-            client.ping()
-        finally:
-            client.close()
-
     try:
         await service.db(lambda conn: conn.execute("SELECT 1"))
-        await asyncio.to_thread(docker_ok)
+        await asyncio.to_thread(service.backend.ping)
     except Exception as exc:
         return problem(503, f"not ready: {type(exc).__name__}")
     return Response('{"status":"ready"}', media_type="application/json")

@@ -9,11 +9,11 @@ from fastapi.responses import FileResponse
 
 from api.deps import ClientDep, ServiceDep
 from api.schemas import RecordingId, RecordingList, RecordingPublic, SandboxId
-from engine import recordings
 from engine.errors import NotFoundError
-from engine.recordings import RecordingRow
-from engine.service import SandboxService
+from engine.sandboxes.service import SandboxService
 from engine.store import Client
+from engine.terminal import recordings
+from engine.terminal.recordings import RecordingRow
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["recordings"])
 CAST = "application/x-asciicast"

@@ -21,9 +21,9 @@ from api.schemas import (
     TimelineEntry,
 )
 from engine import tokens
-from engine.service import CreateRequest
+from engine.hiring.timeline import timeline
+from engine.sandboxes.service import CreateRequest
 from engine.store import SandboxState
-from engine.timeline import timeline
 
 router = APIRouter(prefix="/api/v1/sandboxes", tags=["sandboxes"])
 STREAM_END = ("running", "failed", "destroyed", "expired")

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from api.deps import ClientDep, ServiceDep
 from api.schemas import PreviewChange, PreviewPublic, TemplatePublic
-from engine.templates import Template, load_all
+from engine.model.templates import Template, load_all
 from engine.units import format_duration
 
 router = APIRouter(prefix="/api/v1/templates", tags=["templates"])

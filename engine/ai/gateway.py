@@ -202,11 +202,45 @@ class Gateway:
     async def _forward(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         received = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        asked = await self._read(receive, send, headers, path)
+        if asked is None:
+            return
+        admitted = await self._admitted(send, asked, (scope.get("client") or ("", 0))[0])
+        if admitted is None:
+            return
+        admission, prior = admitted
+        body = asked.body
+        if (
+            asked.kind == "messages"
+            and admission.max_tokens
+            and asked.wanted > admission.max_tokens
+        ):
+            body = _capped(asked.request, admission.max_tokens)
+        record = _Record(
+            gateway=self,
+            admission=admission,
+            kind=asked.kind,
+            stream=asked.stream,
+            messages=asked.messages if asked.kind == "messages" else [],
+            prior=prior,
+            session=asked.session,
+            agent=asked.agent,
+            side=asked.side,
+            received=received,
+        )
+        query = scope.get("query_string", b"").decode("latin-1")
+        await self._relay(send, path + (f"?{query}" if query else ""), headers, body, record)
+
+    async def _read(
+        self, receive: Receive, send: Send, headers: dict[str, str], path: str
+    ) -> _Asked | None:
+        """The request, or None once it is answered (too large, not JSON, no token or no key
+        to forward it with)."""
         body = await _read_body(receive, self.settings.gateway_max_body)
         if body is None:
             limit = self.settings.gateway_max_body
             await _respond(send, 413, error_body("request_too_large", f"over {limit} bytes"))
-            return
+            return None
         try:
             request = orjson.loads(body)
             if not isinstance(request, dict):
@@ -215,88 +249,73 @@ class Gateway:
             await _respond(
                 send, 400, error_body("invalid_request_error", "the body is no JSON object")
             )
-            return
-        token = _token(headers)
-        kind = "messages" if path == MESSAGES else "count_tokens"
-        model = request.get("model") if isinstance(request.get("model"), str) else None
-        session = headers.get("x-claude-code-session-id")
-        agent = headers.get("x-claude-code-agent-id")
-        stream = bool(request.get("stream")) and kind == "messages"
-        side = transcript.is_side(request)
-        assert self.pool is not None and self.client is not None
-        max_tokens = request.get("max_tokens")
-        wanted = (
-            max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0
+            return None
+        asked = _Asked.of(
+            body, request, headers, "messages" if path == MESSAGES else "count_tokens"
         )
-        if not token:
+        if not asked.token:
             await self._refuse(send, "token", "this request carries no sandbox token")
-            return
+            return None
         if not self.key:
             await self._refuse(send, "credential", "the engine has no Anthropic API key configured")
-            return
+            return None
+        return asked
+
+    async def _admitted(
+        self, send: Send, asked: _Asked, peer: str
+    ) -> tuple[store.Admission, transcript.Prior | None] | None:
+        """The admission and the prior request, or None once the request is refused."""
         waiting_until = time.monotonic() + BUDGET_WAIT
-        given = request.get("messages")
-        messages: list[Any] = given if isinstance(given, list) else []
         while True:
             try:
                 admission, prior = await self._admit(
-                    token=token,
-                    peer=(scope.get("client") or ("", 0))[0],
-                    kind=kind,
-                    model=model,
-                    reserve=budget.reservation(len(body), wanted) if kind == "messages" else 0,
-                    session=session,
-                    agent=agent,
-                    side=side,
-                    stream=stream,
+                    token=asked.token,
+                    peer=peer,
+                    kind=asked.kind,
+                    model=asked.model,
+                    reserve=budget.reservation(len(asked.body), asked.wanted)
+                    if asked.kind == "messages"
+                    else 0,
+                    session=asked.session,
+                    agent=asked.agent,
+                    side=asked.side,
+                    stream=asked.stream,
                     final=time.monotonic() > waiting_until,
-                    messages=messages,
+                    messages=asked.messages,
                 )
             except (psycopg.OperationalError, PoolTimeout):
                 # Claude Code retries a 5xx: the database is back in seconds (a restart).
                 await _respond(send, 503, error_body("api_error", "the AI gateway's database is"
                                                      " not reachable; retry"))  # fmt: skip
-                return
+                return None
             if admission.refused != "wait":
                 break
             # The budget is held by requests in flight, not spent: wait for them to end
             # (without holding a connection their records need).
             await asyncio.sleep(0.05)
-        if admission.refused is not None:
-            what = (
-                "this sandbox token is not valid here"
-                if admission.refused in ("token", "address")
-                else ""
-            )
-            await self._refuse(
-                send,
-                admission.refused,
-                admission.detail if not what else f"{what} ({admission.detail})",
-            )
-            return
-        if kind == "messages" and admission.max_tokens and wanted > admission.max_tokens:
-            body = _capped(request, admission.max_tokens)
+        if admission.refused is None:
+            return admission, prior
+        detail = admission.detail
+        if admission.refused in ("token", "address"):
+            detail = f"this sandbox token is not valid here ({detail})"
+        await self._refuse(send, admission.refused, detail)
+        return None
+
+    async def _relay(
+        self, send: Send, target: str, headers: dict[str, str], body: bytes, record: _Record
+    ) -> None:
+        """Forward the request with the operator's key and stream the answer back as it comes,
+        recording it on the way."""
+        assert self.client is not None
         upstream_headers = {k: headers[k] for k in FORWARDED if k in headers}
         upstream_headers["x-api-key"] = self.key
         upstream_headers["accept-encoding"] = "identity"  # the stream is read on its way
-        query = scope.get("query_string", b"").decode("latin-1")
-        url = self.upstream + path + (f"?{query}" if query else "")
-        record = _Record(
-            gateway=self,
-            admission=admission,
-            kind=kind,
-            stream=stream,
-            messages=messages if kind == "messages" else [],
-            prior=prior,
-            session=session,
-            agent=agent,
-            side=side,
-            received=received,
-        )
         sent = time.perf_counter()
         try:
             answer = await self.client.send(
-                self.client.build_request("POST", url, content=body, headers=upstream_headers),
+                self.client.build_request(
+                    "POST", self.upstream + target, content=body, headers=upstream_headers
+                ),
                 stream=True,
             )
         except httpx.HTTPError as exc:
@@ -367,6 +386,44 @@ class Gateway:
         self._priors[key] = prior
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """What a request asks for, read from its body and headers."""
+
+    body: bytes
+    request: dict[str, Any]
+    kind: str  # messages | count_tokens
+    token: str
+    model: str | None
+    session: str | None
+    agent: str | None
+    stream: bool
+    side: bool
+    wanted: int  # max_tokens asked for; 0 when none is given
+    messages: list[Any]
+
+    @classmethod
+    def of(cls, body: bytes, request: dict[str, Any], headers: dict[str, str], kind: str) -> _Asked:
+        model, given, wanted = (
+            request.get("model"),
+            request.get("messages"),
+            request.get("max_tokens"),
+        )
+        return cls(
+            body=body,
+            request=request,
+            kind=kind,
+            token=_token(headers),
+            model=model if isinstance(model, str) else None,
+            session=headers.get("x-claude-code-session-id"),
+            agent=headers.get("x-claude-code-agent-id"),
+            stream=bool(request.get("stream")) and kind == "messages",
+            side=transcript.is_side(request),
+            wanted=wanted if isinstance(wanted, int) and not isinstance(wanted, bool) else 0,
+            messages=given if isinstance(given, list) else [],
+        )
+
+
 class _Record:
     """What is kept of one forwarded exchange, built as its answer passes through."""
 
@@ -420,9 +477,11 @@ class _Record:
         self.closed = True
         self.gateway.spawn(lambda: self._write(status, error))
 
-    async def _write(self, status: int, error: str | None) -> None:
-        gateway, admission = self.gateway, self.admission
-        assert gateway.pool is not None and admission.exchange is not None
+    def _answer(
+        self, status: int, error: str | None
+    ) -> tuple[dict[str, Any] | None, dict[str, int], str | None, str | None]:
+        """What the upstream answered, read from the stream or the body: the answer as the
+        transcript keeps it, its usage, its model, and the error (given, or the upstream's)."""
         answer: dict[str, Any] | None = None
         usage: dict[str, int] = {}
         model = None
@@ -446,6 +505,12 @@ class _Record:
                 error = raw[:2000].decode("utf-8", "replace")
         if status != 200 and not error:
             error = f"the upstream answered {status}"
+        return answer, usage, model, error
+
+    async def _write(self, status: int, error: str | None) -> None:
+        gateway, admission = self.gateway, self.admission
+        assert gateway.pool is not None and admission.exchange is not None
+        answer, usage, model, error = self._answer(status, error)
         billed = budget.billed(usage) if self.kind == "messages" and status == 200 else 0
         start, kept = transcript.new_messages(self.messages, self.prior)
         current = transcript.prior_of(self.messages)
@@ -465,7 +530,7 @@ class _Record:
             upstream_ms=self.upstream_ms,
         )
         sandbox = str(admission.sandbox_id)
-        # On the sandbox's activity timeline (engine.timeline), as its events are.
+        # On the sandbox's activity timeline (engine.hiring.timeline), as its events are.
         timeline = (
             transcript.summary(kept, answer)
             if self.kind == "messages" and answer is not None and not self.side

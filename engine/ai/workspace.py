@@ -12,8 +12,9 @@
 - ``access: operator-login``: a copy of the volume's ``.credentials.json`` in the sandbox's
   ``~/.claude`` (for an operator's own trusted sandboxes only: whoever has the shell has it).
 
-Nothing of the volume is mounted; it is read through a container that is created, never
-started, and removed (the engine may run in a container of its own, without the host's paths).
+Nothing of the volume is mounted; the backend reads it through a container that is created,
+never started, and removed (the engine may run in a container of its own, without the host's
+paths).
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ import logging
 import tarfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import docker
-import docker.errors
-
-from engine.templates import Template
+from engine.backend import Backend
+from engine.model.templates import Template
 
 log = logging.getLogger("sandbox_engine.ai")
 
@@ -57,24 +55,6 @@ CONFIG_KEYS = frozenset(
 )
 MAX_CONFIG = 256 * 1024  # bytes of config.json read
 CONFIG_TTL = 60.0  # seconds the volume's config is kept before it is read again
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a workspace is on its networks: its own addresses (the only peers its token is
-    good from) and the address of the host on its own network (where it reaches the gateway)."""
-
-    addresses: tuple[str, ...]
-    host: str
-
-
-def place(attrs: dict[str, Any], network: str) -> Place:
-    """From a container's inspect attributes and the name of its sandbox's own network."""
-    nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
-    addresses = tuple(sorted({n["IPAddress"] for n in nets.values() if n and n.get("IPAddress")}))
-    own = nets.get(network) or {}
-    host = own.get("Gateway") or next((n.get("Gateway") for n in nets.values() if n), "") or ""
-    return Place(addresses, host)
 
 
 def gateway_env(template: Template, *, base_url: str, token: str) -> dict[str, str]:
@@ -146,8 +126,8 @@ def _tar(files: dict[str, tuple[bytes, int, int, int]]) -> bytes:
 
 
 class OperatorConfig:
-    """The ``claude-auth`` volume's saved config, read through a container that never starts,
-    once a minute at most."""
+    """The ``claude-auth`` volume's saved config, read through the backend (a container that
+    never starts), once a minute at most."""
 
     def __init__(self, volume: str) -> None:
         self.volume = volume
@@ -155,11 +135,11 @@ class OperatorConfig:
         self._at = 0.0
         self._config: dict[str, Any] = {}
 
-    def config(self, client: docker.DockerClient, image: str) -> dict[str, Any]:
+    def config(self, backend: Backend, image: str) -> dict[str, Any]:
         with self._lock:
             if time.monotonic() - self._at < CONFIG_TTL:
                 return self._config
-            raw = read_volume_file(client, image, self.volume, "config.json")
+            raw = backend.read_volume_file(self.volume, image, "config.json", MAX_CONFIG)
             parsed: Any = {}
             if raw:
                 try:
@@ -171,46 +151,8 @@ class OperatorConfig:
             return self._config
 
 
-def read_volume_file(
-    client: docker.DockerClient, image: str, volume: str, name: str
-) -> bytes | None:
-    """One file of the volume (None: no volume, no such file, or too big)."""
-    try:
-        client.volumes.get(volume)
-    except docker.errors.NotFound:
-        return None
-    holder = client.api.create_container(
-        image,
-        command=["true"],
-        host_config=client.api.create_host_config(
-            mounts=[docker.types.Mount("/v", volume, type="volume", read_only=True)],
-            network_mode="none",
-        ),
-        # The engine's, but no sandbox's: never mistaken for a sandbox's container.
-        labels={
-            "io.sandbox-engine.managed-by": "sandbox-engine",
-            "io.sandbox-engine.role": "claude-auth-reader",
-        },
-    )
-    try:
-        stream, stat = client.api.get_archive(holder["Id"], f"/v/{name}")
-        if stat.get("size", 0) > MAX_CONFIG:
-            return None  # too big: not read (a link or a folder is refused below)
-        data = b"".join(stream)
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            member = tar.next()
-            if member is None or not member.isfile():
-                return None
-            extracted = tar.extractfile(member)
-            return extracted.read(MAX_CONFIG) if extracted else None
-    except docker.errors.NotFound:
-        return None
-    finally:
-        client.api.remove_container(holder["Id"], force=True)
-
-
 def configure(
-    client: docker.DockerClient,
+    backend: Backend,
     container: str,
     template: Template,
     *,
@@ -229,8 +171,7 @@ def configure(
             0,
         )
     }
-    target = client.containers.get(container)
-    target.put_archive("/etc", _tar(files))  # root's: put_archive writes as root
+    backend.put_files(container, "/etc", _tar(files))  # root's: files are put as root
     if home is not None:
         path, uid, gid = home
         workdir = template.workspace.workdir
@@ -251,15 +192,15 @@ def configure(
                 info.size, info.mode, info.uid, info.gid = len(content), mode, u, g
                 info.mtime = int(time.time())
                 tar.addfile(info, io.BytesIO(content))
-        target.put_archive(path, buffer.getvalue())
+        backend.put_files(container, path, buffer.getvalue())
 
 
-def home_of(client: docker.DockerClient, container: str, user: str) -> tuple[str, int, int]:
+def home_of(backend: Backend, container: str, user: str) -> tuple[str, int, int]:
     """The workspace user's home, uid and gid (asked inside the container)."""
-    result = client.containers.get(container).exec_run(
-        ["sh", "-c", 'printf "%s %s %s" "$HOME" "$(id -u)" "$(id -g)"'], user=user
+    ran = backend.run(
+        container, ["sh", "-c", 'printf "%s %s %s" "$HOME" "$(id -u)" "$(id -g)"'], user=user
     )
-    if result.exit_code != 0:
-        raise RuntimeError(f"could not read the home of {user}: {result.output[-200:]!r}")
-    path, uid, gid = result.output.decode().split()
+    if ran.exit_code != 0:
+        raise RuntimeError(f"could not read the home of {user}: {ran.output[-200:]!r}")
+    path, uid, gid = ran.text.split()
     return path, int(uid), int(gid)

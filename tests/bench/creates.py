@@ -1,7 +1,7 @@
 """Create and destroy benchmarks: cold creates through the API against the Docker SDK making the
 same objects, pooled creates, and 20 creates at once.
 
-The baseline is derived from the engine's own spec (``engine.spec.build_spec``, a pure
+The baseline is derived from the engine's own spec (``engine.model.spec.build_spec``, a pure
 function), so it makes exactly the network, volumes and containers — names aside — with the
 same images, limits, users, mounts, networks and health waits as the stack does.
 """
@@ -24,8 +24,8 @@ import httpx
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from engine.spec import ContainerSpec, SandboxRequest, SpecSettings, build_spec
-from engine.templates import find
+from engine.model.spec import ContainerSpec, SandboxRequest, SpecSettings, build_spec
+from engine.model.templates import find
 from tests.bench.harness import (
     LIVE,
     ROOT,

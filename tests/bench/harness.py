@@ -32,10 +32,10 @@ import docker
 import httpx
 import psycopg
 
+from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
+from engine.model.spec import L_ENGINE
 from engine.settings import Settings
-from engine.spec import L_ENGINE
-from engine.stacks import remove_labelled
 from engine.store import Role, create_client, engine_instance
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,8 +31,9 @@ from typing import Any, Protocol
 import docker
 from websockets.sync.client import ClientConnection, connect
 
-from api.terminal import start_exec
-from engine.templates import load
+from engine.backend.docker import DockerBackend
+from engine.model.templates import load
+from engine.terminal.session import start_shell
 from tests.bench.harness import (
     LIVE,
     Engine,
@@ -115,7 +116,9 @@ class ExecChannel:
 
     def __init__(self, client: docker.DockerClient, container: str, user: str, workdir: str):
         self.api = client.api
-        self.exec_id, self.sock, _, _ = start_exec(client, container, user, workdir)
+        self.exec_id, self.sock, _, _, self.release = start_shell(
+            DockerBackend(), container, user, workdir
+        )
         self.received = self.chunks = 0
 
     def send(self, data: bytes) -> None:
@@ -140,6 +143,7 @@ class ExecChannel:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.release()
 
 
 def drain(ch: Channel, quiet: float) -> bytes:

@@ -1,27 +1,13 @@
-import { useEffect, useState } from "react";
+import { useState } from "react";
 import { Api } from "./api";
 import { Candidate } from "./components/Candidate";
 import { Dashboard } from "./components/Dashboard";
 import { SandboxPage } from "./components/SandboxPage";
 import { SignIn } from "./components/SignIn";
+import { navigate, usePath } from "./router";
 
 // The key lives for this tab only (sessionStorage): closing the tab signs out.
 const KEY = "sandbox-engine.key";
-
-export function navigate(path: string) {
-  window.history.pushState(null, "", path);
-  window.dispatchEvent(new PopStateEvent("popstate"));
-}
-
-function usePath(): string {
-  const [path, setPath] = useState(window.location.pathname);
-  useEffect(() => {
-    const update = () => setPath(window.location.pathname);
-    window.addEventListener("popstate", update);
-    return () => window.removeEventListener("popstate", update);
-  }, []);
-  return path;
-}
 
 export function App() {
   const path = usePath();

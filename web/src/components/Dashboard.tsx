@@ -1,6 +1,6 @@
 import { useCallback, useEffect, useRef, useState } from "react";
 import { Api, ApiError, Preview, Sandbox, SandboxEvent, Template } from "../api";
-import { navigate } from "../App";
+import { navigate } from "../router";
 import { isDuration } from "../time";
 import { Countdown } from "./Countdown";
 

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg.rows import class_row
 
-from engine.service import format_duration_short
+from engine.units import format_duration_short
 
 FLUSH_EVERY = 1.0  # seconds between appends to a recording's file
 # The size a session starts at before its client's first resize (tmux's own default).

@@ -7,7 +7,7 @@ locally and meets only the INPUT chain, so every service listening on 0.0.0.0 (a
 a database, the API's internal port) would be one connect away. It also forwards to
 link-local addresses, where clouds serve instance metadata and credentials.
 
-Every bridge the engine makes is named ``sbx`` + 12 hex digits (``engine.spec.bridge_name``),
+Every bridge the engine makes is named ``sbx`` + 12 hex digits (``engine.model.spec.bridge_name``),
 so two chains matched by interface cover every sandbox whatever Docker's address pools are:
 
 - ``SANDBOX-INPUT`` (from INPUT, ``-i sbx+``): replies to connections the host opened
@@ -31,7 +31,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from engine.spec import BRIDGE_PREFIX
+from engine.model.spec import BRIDGE_PREFIX
 
 INPUT_CHAIN = "SANDBOX-INPUT"
 FORWARD_CHAIN = "SANDBOX-FORWARD"

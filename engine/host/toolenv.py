@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pulumi import automation as auto
 
-from engine.pulumi_cli import EngineCommand
+from engine.sandboxes.pulumi_cli import EngineCommand
 from engine.settings import Settings
 
 # Workers of Pulumi's DIY backend listing stacks at once (PULUMI_DIY_BACKEND_PARALLEL, default
@@ -43,6 +43,11 @@ def ensure_passphrase_file(settings: Settings) -> Path:
     return ensure_secret_file(settings.passphrase_file)
 
 
+# The module the docker provider plugin runs (stacks/provider: the engine's provider for the
+# `docker` package), with the engine's interpreter.
+PROVIDER_MODULE = "stacks.provider.server"
+
+
 def ensure_docker_plugin(settings: Settings) -> Path:
     """Install the project's docker provider into the plugin cache of ``PULUMI_HOME``.
 
@@ -58,7 +63,7 @@ def ensure_docker_plugin(settings: Settings) -> Path:
     script = (
         "#!/bin/sh\n"
         f"# Sandbox Engine's docker provider (stacks/provider) for pulumi_docker {version}.\n"
-        f'exec {shlex.quote(sys.executable)} -m stacks.provider.server "$@"\n'
+        f'exec {shlex.quote(sys.executable)} -m {PROVIDER_MODULE} "$@"\n'
     )
     if not exe.is_file() or exe.read_text() != script:
         exe.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,7 @@ def sdk_version() -> str:
 
 def pulumi_command(settings: Settings) -> EngineCommand:
     """The toolchain's CLI, checked once against the SDK's minimum version, with the engine's
-    time bounds and stop handling (engine/pulumi_cli.py).
+    time bounds and stop handling (engine/sandboxes/pulumi_cli.py).
 
     Share one handle: building it runs ``pulumi version``.
     """

@@ -2,7 +2,7 @@
 sandbox's published ports, for ``make run`` and the tests.
 
 Traefik runs on the host, so it reaches workspaces at their addresses on the edge network,
-where inter-container traffic is off (``engine.stacks.ensure_edge_network``). Its Docker
+where inter-container traffic is off (``engine.sandboxes.stacks.ensure_edge_network``). Its Docker
 provider reads the routers the sandbox stacks put in the workspaces' labels; a file provider
 routes ``api.<domain>`` and ``<domain>`` to the engine. The process is started detached (it
 outlives the command that starts it, like the PostgreSQL cluster) and restarted only when its
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from engine.backend.docker import ensure_edge_network
 from engine.errors import EngineError
 from engine.settings import Settings
-from engine.stacks import ensure_edge_network
 
 
 class EdgeError(EngineError):

@@ -8,7 +8,7 @@ service's ordinary destroy job (reason ``ttl``, final state ``expired``).
 Each pass, in order: settle sandboxes whose engine process died (reconcile), destroy the
 expired, warn the soon-to-expire, repair running sandboxes changed by hand (drift), and every
 ``sweep_interval`` remove orphans; then prune rows past the retention period, and archives
-past theirs (engine/archives.py). One step failing does not stop the others.
+past theirs (engine/hiring/archives.py). One step failing does not stop the others.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from engine import recordings, store
+from engine import store
 from engine.ai import store as ai_store
-from engine.service import SandboxService
+from engine.sandboxes.service import SandboxService
 from engine.store import DestroyReason, SandboxRow
+from engine.terminal import recordings
 
 log = logging.getLogger("sandbox_engine.reaper")
 Clock = Callable[[], datetime]
@@ -54,11 +55,8 @@ def claim_expired(
     claimed = []
     for row in candidates:
         reason = reap_reason(row)
-        moved = store.transition(
-            conn, row.id, store.SandboxState.DESTROYING, reason=reason.value, worker=worker
-        )
+        moved = store.begin_destroy(conn, row.id, reason, worker=worker)
         if moved is not None:
-            store.add_event(conn, row.id, "state", f"destroying ({reason})")
             claimed.append(moved)
     return claimed
 

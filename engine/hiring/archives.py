@@ -30,18 +30,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-import docker
-import docker.errors
 import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from engine import store
 from engine.ai import store as ai_store
+from engine.backend import Backend, BackendError, ContainerGone
 from engine.errors import ConflictError, NotFoundError
+from engine.model.templates import Archive
 from engine.settings import Settings
 from engine.store import DestroyReason, SandboxRow
-from engine.templates import Archive
 
 log = logging.getLogger("sandbox_engine.archives")
 
@@ -178,6 +177,7 @@ class _Hashing:
 
 
 def pack(
+    backend: Backend,
     workspace: str,
     paths: tuple[str, ...],
     dest: Path,
@@ -188,66 +188,56 @@ def pack(
     """Stream ``paths`` out of the container into ``dest`` (a .tar.gz), with ``extra`` files
     (name: content) of the engine's beside them. Blocking: run it in a thread. Raises
     WorkspaceGone when the container does not exist."""
-    client = docker.from_env(timeout=DOCKER_TIMEOUT)
-    try:
-        try:
-            container = client.containers.get(workspace)
-        except docker.errors.NotFound:
-            raise WorkspaceGone(f"the workspace container {workspace} is gone") from None
-        files = 0
-        repos: list[str] = []
-        notes: list[str] = []
-        with dest.open("wb") as raw:
-            out = _Hashing(raw)
-            with tarfile.open(fileobj=out, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                for extra_name, content in (extra or {}).items():
-                    info = tarfile.TarInfo(extra_name)
-                    info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
-                    tar.addfile(info, io.BytesIO(content))
-                for path in paths:
-                    try:
-                        stream, _ = container.get_archive(path, chunk_size=CHUNK)
-                    except docker.errors.NotFound:
-                        notes.append(f"{path} does not exist")
-                        continue
-                    prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
-                    with tarfile.open(fileobj=_Chunks(stream, deadline), mode="r|") as src:  # type: ignore[call-overload]
-                        for member in src:
-                            name = posixpath.join(prefix, member.name)
-                            absolute = "/" + name
-                            if member.isdir() and posixpath.basename(name) == ".git":
-                                repos.append(posixpath.dirname(absolute))
-                            data = src.extractfile(member) if member.isreg() else None
-                            member.name = name
-                            if member.islnk():  # hard links name a member of the same tar
-                                member.linkname = posixpath.join(prefix, member.linkname)
-                            tar.addfile(member, data)
-                            files += member.isreg()
-        return Packed(out.size, files, out.sha.hexdigest(), tuple(repos), tuple(notes))
-    finally:
-        client.close()
+    files = 0
+    repos: list[str] = []
+    notes: list[str] = []
+    with dest.open("wb") as raw:
+        out = _Hashing(raw)
+        with tarfile.open(fileobj=out, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            for extra_name, content in (extra or {}).items():
+                info = tarfile.TarInfo(extra_name)
+                info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
+                tar.addfile(info, io.BytesIO(content))
+            for path in paths:
+                try:
+                    stream = backend.get_files(workspace, path, chunk_size=CHUNK)
+                except ContainerGone:
+                    raise WorkspaceGone(f"the workspace container {workspace} is gone") from None
+                if stream is None:
+                    notes.append(f"{path} does not exist")
+                    continue
+                prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
+                with tarfile.open(fileobj=_Chunks(stream, deadline), mode="r|") as src:  # type: ignore[call-overload]
+                    for member in src:
+                        name = posixpath.join(prefix, member.name)
+                        absolute = "/" + name
+                        if member.isdir() and posixpath.basename(name) == ".git":
+                            repos.append(posixpath.dirname(absolute))
+                        data = src.extractfile(member) if member.isreg() else None
+                        member.name = name
+                        if member.islnk():  # hard links name a member of the same tar
+                            member.linkname = posixpath.join(prefix, member.linkname)
+                        tar.addfile(member, data)
+                        files += member.isreg()
+    return Packed(out.size, files, out.sha.hexdigest(), tuple(repos), tuple(notes))
 
 
-def git_summary(workspace: str, repos: tuple[str, ...]) -> str:
+def git_summary(backend: Backend, workspace: str, repos: tuple[str, ...]) -> str:
     """Log and diff of each repository (the first MAX_REPOS), run as the container's user.
     Best effort: a failure is written into the summary instead."""
-    client = docker.from_env(timeout=DOCKER_TIMEOUT)
     parts: list[str] = []
     try:
-        container = client.containers.get(workspace)
-        user = (container.attrs.get("Config") or {}).get("User") or "root"
+        user = backend.user_of(workspace)
         for repo in repos[:MAX_REPOS]:
-            result = container.exec_run(
-                ["sh", "-c", _GIT_SUMMARY, "sh", repo, str(GIT_MAX)], user=user
+            ran = backend.run(
+                workspace, ["sh", "-c", _GIT_SUMMARY, "sh", repo, str(GIT_MAX)], user=user
             )
-            text = result.output.decode("utf-8", "replace")
-            if len(result.output) >= GIT_MAX:
+            text = ran.text
+            if len(ran.output) >= GIT_MAX:
                 text += f"\n… (cut at {GIT_MAX // 1024} KiB)"
             parts.append(text.rstrip("\n"))
-    except docker.errors.DockerException as exc:
+    except BackendError as exc:
         parts.append(f"could not run git in the workspace: {exc}")
-    finally:
-        client.close()
     if len(repos) > MAX_REPOS:
         parts.append(f"({len(repos) - MAX_REPOS} more repositories not summarised)")
     return "\n\n".join(parts)
@@ -372,10 +362,11 @@ class Archiver:
     """Makes, records and expires archives; ``db`` runs a repository function in a
     transaction (SandboxService.db)."""
 
-    def __init__(self, settings: Settings, db: Db) -> None:
+    def __init__(self, settings: Settings, db: Db, backend: Backend) -> None:
         self.settings = settings
         self.folder = settings.archives_path
         self.db = db
+        self.backend = backend
 
     def path(self, row: ArchiveRow) -> Path:
         if row.file is None:
@@ -390,43 +381,12 @@ class Archiver:
         workspace = str((sandbox.outputs or {}).get("workspace") or "")
         name = f"{sandbox.id}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}.tar.gz"
         dest = self.folder / name
-        packed: Packed | None = None
-        error: str | None = None
-        retried = 0
-        delay = 1.0
         transcript: bytes | None = await self.db(ai_store.document, sandbox.id)
         extra = {TRANSCRIPT_MEMBER: transcript} if transcript else None
-        for attempt in range(1, settings.archive_attempts + 1):
-            part = dest.with_name(dest.name + ".part")
-            try:
-                if not workspace:
-                    raise WorkspaceGone("the sandbox has no workspace container")
-                await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
-                packed = await asyncio.to_thread(
-                    pack, workspace, spec.paths, part, deadline=deadline, extra=extra
-                )
-                await asyncio.to_thread(part.rename, dest)
-                error = None
-                break
-            except WorkspaceGone as exc:
-                error = str(exc)
-                break
-            except Exception as exc:  # Docker, the stream, the disk: tried again, within bounds
-                error = f"{type(exc).__name__}: {exc}"[:1000]
-                log.warning("archive of %s, attempt %d: %s", sandbox.id, attempt, error)
-                packed = None
-                if attempt == settings.archive_attempts or time.monotonic() + delay > deadline:
-                    break
-                retried = attempt
-                await asyncio.sleep(delay)
-                delay *= 2
-            finally:
-                await asyncio.to_thread(part.unlink, missing_ok=True)
+        packed, error = await self._pack(sandbox.id, workspace, spec, dest, deadline, extra)
         git = None
         if packed is not None and packed.repos:
-            git = await asyncio.to_thread(git_summary, workspace, packed.repos)
-        if packed is None and retried:
-            error = f"{error} (after {retried + 1} attempts)"
+            git = await asyncio.to_thread(git_summary, self.backend, workspace, packed.repos)
         retention = spec.retention or settings.archive_retention
         try:
             row: ArchiveRow = await self.db(
@@ -443,6 +403,47 @@ class Archiver:
             await asyncio.to_thread(dest.unlink, missing_ok=True)
             raise
         return row
+
+    async def _pack(
+        self,
+        sandbox_id: str,
+        workspace: str,
+        spec: Archive,
+        dest: Path,
+        deadline: float,
+        extra: dict[str, bytes] | None,
+    ) -> tuple[Packed | None, str | None]:
+        """The workspace packed into ``dest``, tried again with a growing delay while the bound
+        allows: what was packed, or why nothing was."""
+        settings = self.settings
+        error: str | None = None
+        retried = 0
+        delay = 1.0
+        for attempt in range(1, settings.archive_attempts + 1):
+            part = dest.with_name(dest.name + ".part")
+            try:
+                if not workspace:
+                    raise WorkspaceGone("the sandbox has no workspace container")
+                await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
+                packed = await asyncio.to_thread(
+                    pack, self.backend, workspace, spec.paths, part, deadline=deadline, extra=extra
+                )
+                await asyncio.to_thread(part.rename, dest)
+                return packed, None
+            except WorkspaceGone as exc:
+                error = str(exc)
+                break
+            except Exception as exc:  # Docker, the stream, the disk: tried again, within bounds
+                error = f"{type(exc).__name__}: {exc}"[:1000]
+                log.warning("archive of %s, attempt %d: %s", sandbox_id, attempt, error)
+                if attempt == settings.archive_attempts or time.monotonic() + delay > deadline:
+                    break
+                retried = attempt
+                await asyncio.sleep(delay)
+                delay *= 2
+            finally:
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+        return None, f"{error} (after {retried + 1} attempts)" if retried else error
 
     async def prune(self, now: datetime) -> int:
         """Delete archives past their expiry, rows then files; returns how many."""

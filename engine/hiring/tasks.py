@@ -16,12 +16,10 @@ import shlex
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import docker
-
+from engine.backend import Backend, BackendError
 from engine.errors import StackError
-from engine.templates import TASKS_FOLDER, Template
+from engine.model.templates import TASKS_FOLDER, Template
 
 MAX_TASK_BYTES = 16 * 2**20  # a task is source code, not a data set
 MAX_LINES = 200  # output lines of one init command kept as events; the rest are counted
@@ -57,7 +55,9 @@ def pack(folder: Path, uid: int, gid: int) -> tuple[bytes, int]:
     return data.getvalue(), files
 
 
-def seed(template: Template, templates_dir: Path, workspace: str, emit: Emit) -> None:
+def seed(
+    backend: Backend, template: Template, templates_dir: Path, workspace: str, emit: Emit
+) -> None:
     """Copy the task into the workspace, make it a repository, run its init commands."""
     if template.task is None:
         return
@@ -65,56 +65,61 @@ def seed(template: Template, templates_dir: Path, workspace: str, emit: Emit) ->
     folder = task_folder(template, templates_dir)
     workdir = template.workspace.workdir
     user = template.workspace.user
-    client = docker.from_env(timeout=INIT_TIMEOUT + 60)
     try:
-        container = client.containers.get(workspace)
-        uid, gid = _ids(container, user)
+        uid, gid = _ids(backend, workspace, user)
         data, files = pack(folder, uid, gid)
-        _run(container, user, "/", ["mkdir", "-p", workdir], "make the workdir")
-        if not container.put_archive(workdir, data):
-            raise StackError(f"task: copying {folder.name} into {workdir} failed")
+        _run(backend, workspace, user, "/", ["mkdir", "-p", workdir], "make the workdir")
+        try:
+            backend.put_files(workspace, workdir, data)
+        except BackendError as exc:
+            raise StackError(f"task: copying {folder.name} into {workdir} failed") from exc
         emit(f"copied {files} files of {TASKS_FOLDER}/{task.folder} into {workdir}")
         if task.git:
-            _run(container, user, workdir, ["git", "init", "-q", "-b", "main"], "git init")
-            _run(container, user, workdir, ["git", "add", "-A"], "git add")
-            message = f"Task: {task.folder}"
-            commit = ["git", *AUTHOR, "commit", "-q", "--allow-empty", "-m", message]
-            _run(container, user, workdir, commit, "git commit")
+            steps = [
+                (["git", "init", "-q", "-b", "main"], "git init"),
+                (["git", "add", "-A"], "git add"),
+                (["git", *AUTHOR, "commit", "-q", "--allow-empty", "-m", f"Task: {task.folder}"],
+                 "git commit"),
+            ]  # fmt: skip
+            for argv, what in steps:
+                _run(backend, workspace, user, workdir, argv, what)
             emit(f"{workdir} is a git repository; the task is its first commit")
         for command in task.init:
-            _init(container, user, workdir, command, emit)
-    except docker.errors.DockerException as exc:
+            _init(backend, workspace, user, workdir, command, emit)
+    except BackendError as exc:
         raise StackError(f"task: {exc}") from exc
-    finally:
-        client.close()
 
 
-def _ids(container: Any, user: str) -> tuple[int, int]:
-    out = _run(container, user, "/", ["sh", "-c", "id -u; id -g"], "find the workspace user")
+def _ids(backend: Backend, workspace: str, user: str) -> tuple[int, int]:
+    out = _run(
+        backend, workspace, user, "/", ["sh", "-c", "id -u; id -g"], "find the workspace user"
+    )
     uid, gid = out.split()
     return int(uid), int(gid)
 
 
-def _run(container: Any, user: str, workdir: str, cmd: list[str], what: str) -> str:
-    result = container.exec_run(cmd, user=user, workdir=workdir, demux=False)
-    text = (result.output or b"").decode(errors="replace")
-    if result.exit_code != 0:
-        raise StackError(f"task: {what} failed ({result.exit_code}): {text.strip()[-500:]}")
-    return str(text)
+def _run(
+    backend: Backend, workspace: str, user: str, workdir: str, cmd: list[str], what: str
+) -> str:
+    ran = backend.run(workspace, cmd, user=user, workdir=workdir)
+    if ran.exit_code != 0:
+        raise StackError(f"task: {what} failed ({ran.exit_code}): {ran.text.strip()[-500:]}")
+    return ran.text
 
 
-def _init(container: Any, user: str, workdir: str, command: str, emit: Emit) -> None:
+def _init(
+    backend: Backend, workspace: str, user: str, workdir: str, command: str, emit: Emit
+) -> None:
     """One init command, its output streamed line by line into the events."""
     emit(f"$ {command}")
-    api = container.client.api
-    # timeout(1) bounds the command inside the container; the exec itself has no timeout.
+    # timeout(1) bounds the command inside the container; the stream itself has no timeout.
     argv = ["timeout", str(INIT_TIMEOUT), "bash", "-lc", command]
-    exec_id = api.exec_create(
-        container.id, argv, user=user, workdir=workdir, environment={"TERM": "dumb"}
-    )["Id"]
+    stream = backend.stream(
+        workspace, argv, user=user, workdir=workdir, environment={"TERM": "dumb"}
+    )
     shown = hidden = 0
     pending = b""
-    for chunk in api.exec_start(exec_id, stream=True):
+    for chunk in stream.chunks:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -130,7 +135,7 @@ def _init(container: Any, user: str, workdir: str, command: str, emit: Emit) -> 
             hidden += 1
     if hidden:
         emit(f"… {hidden} more lines")
-    code = api.exec_inspect(exec_id)["ExitCode"]
+    code = stream.exit_code()
     if code != 0:
         why = "timed out" if code == 124 else f"exited {code}"
         raise StackError(f"task: init command {shlex.quote(command)} {why}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import re
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 
+from engine.host.toolenv import sdk_version
+from engine.model.spec import BRIDGE_NAME_OPTION, bridge_name
 from engine.settings import Settings
-from engine.spec import BRIDGE_NAME_OPTION, bridge_name
-from engine.toolenv import sdk_version
 
 BASE_IMAGE = "sandbox-base:bookworm"
 
@@ -131,16 +132,42 @@ def check_state_backend(settings: Settings) -> Check:
     """``pulumi stack ls`` answers with the engine's environment, and the shell's own
     PULUMI_DIY_BACKEND_PARALLEL (a platform engineer's plain CLI) cannot make it hang: the DIY
     PostgreSQL backend deadlocks with as many listing workers as pool connections
-    (engine/toolenv.py)."""
+    (engine/host/toolenv.py)."""
     import time
 
-    from engine.toolenv import DIY_BACKEND_PARALLEL, pulumi_env
+    from engine.host.toolenv import DIY_BACKEND_PARALLEL, pulumi_env
 
     env = {**os.environ, **pulumi_env(settings)}
     fix = f'PULUMI_DIY_BACKEND_PARALLEL={DIY_BACKEND_PARALLEL} (eval "$(make -s env)" sets it)'
     start = time.monotonic()
+    out = _stack_ls(settings, env, fix)
+    if isinstance(out, Check):
+        return out
+    took = time.monotonic() - start
+    count = out.count('"name"')
+    shell = os.environ.get("PULUMI_DIY_BACKEND_PARALLEL", "")
+    pool = max(2 * len(os.sched_getaffinity(0)), 2)  # Go sizes its pool from GOMAXPROCS
+    hangs = shell != "" and (not shell.isdigit() or int(shell) >= pool)
+    if settings.backend_url().startswith("postgres") and hangs:
+        return Check(
+            "pulumi state backend",
+            False,
+            f"this shell has PULUMI_DIY_BACKEND_PARALLEL={shell}: a plain `pulumi stack ls`"
+            f" hangs once {pool} stacks or more exist",
+            fix,
+        )
+    return Check(
+        "pulumi state backend",
+        True,
+        f"pulumi stack ls: {count} stacks in {took:.1f} s"
+        f" (PULUMI_DIY_BACKEND_PARALLEL={DIY_BACKEND_PARALLEL})",
+    )
+
+
+def _stack_ls(settings: Settings, env: dict[str, str], fix: str) -> str | Check:
+    """``pulumi stack ls --json``'s output, or the failed check saying why there is none."""
     try:
-        out = subprocess.run(
+        return subprocess.run(
             [str(settings.toolchain_path / "pulumi"), "stack", "ls", "--json"],
             capture_output=True,
             text=True,
@@ -173,25 +200,6 @@ def check_state_backend(settings: Settings) -> Check:
             f"pulumi stack ls failed: {why[-300:]}",
             "the postgresql row's fix (the state is in its database)",
         )
-    took = time.monotonic() - start
-    count = out.count('"name"')
-    shell = os.environ.get("PULUMI_DIY_BACKEND_PARALLEL", "")
-    pool = max(2 * len(os.sched_getaffinity(0)), 2)  # Go sizes its pool from GOMAXPROCS
-    hangs = shell != "" and (not shell.isdigit() or int(shell) >= pool)
-    if settings.backend_url().startswith("postgres") and hangs:
-        return Check(
-            "pulumi state backend",
-            False,
-            f"this shell has PULUMI_DIY_BACKEND_PARALLEL={shell}: a plain `pulumi stack ls`"
-            f" hangs once {pool} stacks or more exist",
-            fix,
-        )
-    return Check(
-        "pulumi state backend",
-        True,
-        f"pulumi stack ls: {count} stacks in {took:.1f} s"
-        f" (PULUMI_DIY_BACKEND_PARALLEL={DIY_BACKEND_PARALLEL})",
-    )
 
 
 def check_language_host(settings: Settings) -> Check:
@@ -223,8 +231,8 @@ def check_edge(settings: Settings) -> Check:
     """The local Traefik answers, and the edge network isolates the workspaces on it."""
     import docker
 
-    from engine.edge import Edge
-    from engine.stacks import network_subnets
+    from engine.backend.docker import network_subnets
+    from engine.host.edge import Edge
 
     edge = Edge(settings)
     if not edge.healthy():
@@ -274,7 +282,7 @@ def check_edge(settings: Settings) -> Check:
 
 
 def check_firewall() -> Check:
-    from engine import firewall
+    from engine.host import firewall
 
     try:
         missing = firewall.problems()
@@ -307,11 +315,10 @@ def check_base_image() -> Check:
 
 
 def check_docker_provider(settings: Settings) -> Check:
-    from engine.toolenv import ensure_docker_plugin
+    from engine.host.toolenv import PROVIDER_MODULE, ensure_docker_plugin
 
     try:
-        import stacks.provider.server  # noqa: F401  (the plugin runs this module)
-
+        importlib.import_module(PROVIDER_MODULE)  # the plugin runs this module
         exe = ensure_docker_plugin(settings)
     except Exception as exc:
         return Check("docker provider", False, f"{type(exc).__name__}: {exc}", "make venv")

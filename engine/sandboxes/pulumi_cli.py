@@ -156,6 +156,22 @@ class EngineCommand(auto.PulumiCommand):
                 result, f"pulumi {verb(args)} was not started: the engine is stopping"
             )
         limit = self.timeout_for(args)
+        result, timed_out = self._process(args, cwd, env, limit, on_output, on_error)
+        if result.code == 0:
+            return result
+        raise self._failure(verb(args), result, timed_out, limit)
+
+    def _process(
+        self,
+        args: list[str],
+        cwd: str,
+        env: dict[str, str],
+        limit: float,
+        on_output: OnOutput | None,
+        on_error: OnOutput | None,
+    ) -> tuple[CommandResult, bool]:
+        """Run the CLI to its end, or ``limit`` seconds (then TERM, and KILL after a grace):
+        its result, and whether it timed out."""
         out: list[str] = []
         err: list[str] = []
         timed_out = threading.Event()
@@ -196,26 +212,32 @@ class EngineCommand(auto.PulumiCommand):
                 timer.cancel()
                 with self._guard:
                     self._running.pop(process.pid, None)
-        code = process.returncode
-        result = CommandResult(stdout="\n".join(out), stderr="\n".join(err), code=code)
-        if code == 0:
-            return result
-        name = verb(args)
-        if timed_out.is_set():
-            raise PulumiTimeout(
+        result = CommandResult(
+            stdout="\n".join(out), stderr="\n".join(err), code=process.returncode
+        )
+        return result, timed_out.is_set()
+
+    def _failure(
+        self, name: str, result: CommandResult, timed_out: bool, limit: float
+    ) -> auto.CommandError:
+        """The error of a run that did not succeed: timed out, cut short by the engine's stop,
+        signalled from outside, or failed as Pulumi reports it."""
+        if timed_out:
+            return PulumiTimeout(
                 result, f"pulumi {name} did not finish within {limit:.0f} s and was stopped"
             )
+        code = result.code
         signalled = code < 0 or any(mark in result.stdout for mark in _CANCELLED)
         if signalled and not self.stopping:
             self._stopping.wait(SIGNAL_SETTLE)
         if self.stopping:
-            raise PulumiInterrupted(result, f"pulumi {name} was cut short by the engine's stop")
+            return PulumiInterrupted(result, f"pulumi {name} was cut short by the engine's stop")
         if signalled:
             how = signal_name(code) or "a signal"
-            raise PulumiSignalled(
+            return PulumiSignalled(
                 result, f"pulumi {name} was stopped by {how} from outside the engine"
             )
-        raise create_command_error(result)
+        return create_command_error(result)
 
 
 def describe_command_error(exc: auto.CommandError, what: str = "") -> str:

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.templates import Template
+from engine.model.templates import Template
 
 SANDBOX_ID = re.compile(r"^[a-z0-9]{6,20}$")
 DOMAIN = re.compile(
@@ -21,7 +21,7 @@ DOMAIN = re.compile(
 # sandbox's Claude Code (engine/ai/workspace.py), never mounted into a sandbox.
 CLAUDE_AUTH_VOLUME = "claude-auth"
 # Every bridge the engine makes (each sandbox's network, the edge network) gets a Linux
-# interface named BRIDGE_PREFIX + 12 hex digits, so the host firewall (engine/firewall.py) can
+# interface named BRIDGE_PREFIX + 12 hex digits, so the host firewall (engine/host/firewall.py) can
 # tell traffic from sandboxes by its interface alone, whatever address pool Docker uses.
 BRIDGE_PREFIX = "sbx"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
@@ -153,51 +153,71 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
     }
     if settings.engine:
         common[L_ENGINE] = settings.engine
+    services = [_service(name, prefix, common) for name in template.services]
+    workspace, endpoints = _workspace(template, prefix, common, settings)
+    return SandboxSpec(
+        sandbox_id=sid,
+        stack=prefix,
+        template=template.name,
+        owner=request.owner,
+        network=f"{prefix}-net",
+        bridge=bridge_name(f"{prefix}-net"),
+        volumes=(f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services)),
+        containers=(workspace, *services),
+        endpoints=endpoints,
+        labels=common,
+    )
 
-    def labels(role: str, pids: int) -> dict[str, str]:
-        return {**common, L_ROLE: role, L_PIDS_LIMIT: str(pids)}
 
-    services = []
-    env = dict(template.env)
-    for name in template.services:
-        d = SERVICE_DEFAULTS[name]
-        data_volume = f"{prefix}-{name}-data"
-        service_env = (
-            {"POSTGRES_USER": SERVICE_DB, "POSTGRES_DB": SERVICE_DB} if name == "postgres" else {}
-        )
-        services.append(
-            ContainerSpec(
-                key=name,
-                name=f"{prefix}-{name}",
-                image=d["image"],
-                hostname=name,
-                cpus=d["cpus"],
-                memory_mb=d["memory_mb"],
-                pids_limit=d["pids"],
-                labels=labels(name, d["pids"]),
-                env=service_env,
-                mounts=(Mount(data_volume, d["data"]),),
-                aliases=(name,),
-                wait_healthy=True,
-            )
-        )
+def _labels(common: dict[str, str], role: str, pids: int) -> dict[str, str]:
+    return {**common, L_ROLE: role, L_PIDS_LIMIT: str(pids)}
+
+
+def _service(name: str, prefix: str, common: dict[str, str]) -> ContainerSpec:
+    """A service container (postgres, redis) with its data volume, healthy before the
+    workspace starts."""
+    d = SERVICE_DEFAULTS[name]
+    service_env = (
+        {"POSTGRES_USER": SERVICE_DB, "POSTGRES_DB": SERVICE_DB} if name == "postgres" else {}
+    )
+    return ContainerSpec(
+        key=name,
+        name=f"{prefix}-{name}",
+        image=d["image"],
+        hostname=name,
+        cpus=d["cpus"],
+        memory_mb=d["memory_mb"],
+        pids_limit=d["pids"],
+        labels=_labels(common, name, d["pids"]),
+        env=service_env,
+        mounts=(Mount(f"{prefix}-{name}-data", d["data"]),),
+        aliases=(name,),
+        wait_healthy=True,
+    )
+
+
+def _service_env(services: tuple[str, ...]) -> dict[str, str]:
+    """What the workspace is told of its services. Postgres's password is a stack secret:
+    the program adds DATABASE_URL and PGPASSWORD."""
+    env: dict[str, str] = {}
+    for name in services:  # in the template's order
         if name == "postgres":
-            # The password is a stack secret; the program adds DATABASE_URL and PGPASSWORD.
             env.update(
-                {
-                    "PGHOST": "postgres",
-                    "PGPORT": "5432",
-                    "PGUSER": SERVICE_DB,
-                    "PGDATABASE": SERVICE_DB,
-                }
-            )
+                {"PGHOST": "postgres", "PGPORT": "5432", "PGUSER": SERVICE_DB,
+                 "PGDATABASE": SERVICE_DB}
+            )  # fmt: skip
         else:
             env["REDIS_URL"] = "redis://redis:6379/0"
+    return env
 
+
+def _workspace(
+    template: Template, prefix: str, common: dict[str, str], settings: SpecSettings
+) -> tuple[ContainerSpec, tuple[Endpoint, ...]]:
+    """The workspace container, routed by Traefik on its public ports, and its endpoints."""
+    sid = prefix.removeprefix("sbx-")
     ws = template.workspace
-    # The home is the sandbox's own, ~/.claude in it: nothing of Claude Code is shared.
-    mounts = [Mount(f"{prefix}-home", "/home/coder")]
-    ws_labels = labels("workspace", template.pids_limit)
+    ws_labels = _labels(common, "workspace", template.pids_limit)
     endpoints = []
     for e in template.expose:
         url = ""
@@ -222,25 +242,20 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         memory_mb=template.memory_limit // 2**20,
         pids_limit=template.pids_limit,
         labels=ws_labels,
-        env={**env, "SANDBOX_ID": sid, "SHELL": ws.shell},
-        mounts=tuple(mounts),
+        env={
+            **template.env,
+            **_service_env(template.services),
+            "SANDBOX_ID": sid,
+            "SHELL": ws.shell,
+        },
+        # The home is the sandbox's own, ~/.claude in it: nothing of Claude Code is shared.
+        mounts=(Mount(f"{prefix}-home", "/home/coder"),),
         aliases=("workspace",),
         user=ws.user,
         workdir=ws.workdir,
         extra_networks=(settings.edge_network,) if published else (),
     )
-    return SandboxSpec(
-        sandbox_id=sid,
-        stack=prefix,
-        template=template.name,
-        owner=request.owner,
-        network=f"{prefix}-net",
-        bridge=bridge_name(f"{prefix}-net"),
-        volumes=(f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services)),
-        containers=(workspace, *services),
-        endpoints=tuple(endpoints),
-        labels=common,
-    )
+    return workspace, tuple(endpoints)
 
 
 def traefik_labels(prefix: str, port: int, host: str, settings: SpecSettings) -> dict[str, str]:

@@ -1,0 +1,89 @@
+"""A sandbox stack's config: the template and the request, which the Pulumi program turns into
+the sandbox's spec (stacks/program.py), written where the plain ``pulumi`` CLI reads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import yaml
+from pulumi import automation as auto
+
+from engine.model.templates import Template
+from engine.sandboxes.runs import PulumiRuns
+from engine.settings import Settings
+
+
+class StackConfig:
+    def __init__(self, settings: Settings, runs: PulumiRuns) -> None:
+        self.settings = settings
+        self.runs = runs
+        settings.stack_config_path.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        """The stack's config file (``Pulumi.<stack>.yaml``)."""
+        return self.settings.stack_config_path / f"Pulumi.{name}.yaml"
+
+    def values(
+        self,
+        template: Template,
+        sandbox_id: str,
+        owner: str,
+        templates_dir: Path,
+        instance: str,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, auto.ConfigValue]:
+        """The config of a sandbox's stack; ``instance``: the engine's, labelled on every
+        object (empty: none, for a preview)."""
+        settings = self.settings
+        config = {
+            "sandbox:id": auto.ConfigValue(sandbox_id),
+            "sandbox:template": auto.ConfigValue(template.name),
+            "sandbox:owner": auto.ConfigValue(owner),
+            "sandbox:templatesDir": auto.ConfigValue(str(templates_dir.resolve())),
+            "sandbox:domain": auto.ConfigValue(settings.domain),
+            "sandbox:entrypoint": auto.ConfigValue(settings.entrypoint),
+            "sandbox:tlsResolver": auto.ConfigValue(settings.tls_resolver),
+            "sandbox:edgeNetwork": auto.ConfigValue(settings.edge_network),
+            "sandbox:publicPort": auto.ConfigValue(str(settings.public_port)),
+        }
+        if instance:
+            config["sandbox:engine"] = auto.ConfigValue(instance)
+        if "postgres" in template.services:
+            config["sandbox:servicePassword"] = auto.ConfigValue(
+                secrets.token_urlsafe(18), secret=True
+            )
+        if env:
+            # Request env may carry credentials (an Anthropic key): a stack secret.
+            config["sandbox:env"] = auto.ConfigValue(json.dumps(env), secret=True)
+        return config
+
+    def write(self, name: str, config: dict[str, auto.ConfigValue]) -> None:
+        """Plain values written straight into the stack's config file (the file ``pulumi
+        config set`` writes; no CLI run), secrets through the CLI, which encrypts them with
+        the stack's key."""
+        path = self.path(name)
+        document = yaml.safe_load(path.read_text()) if path.exists() else None
+        document = document if isinstance(document, dict) else {}
+        document["config"] = {k: v.value for k, v in config.items() if not v.secret}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
+        tmp.replace(path)
+        hidden = [f"{k}={v.value}" for k, v in config.items() if v.secret]
+        if hidden:
+            args = ["config", "set-all", "--stack", name]
+            for pair in hidden:
+                args += ["--secret", pair]
+            self.runs.run(args)
+
+
+class _QuotedDumper(yaml.SafeDumper):
+    """Every string double-quoted: the CLI reads the file as YAML 1.2, where an unquoted
+    ``0591488581`` (a sandbox id, say) is a number, not the string it was."""
+
+
+_QuotedDumper.add_representer(
+    str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+)
