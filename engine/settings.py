@@ -14,6 +14,8 @@ from urllib.parse import quote, urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.units import parse_memory
+
 # The checkout this package runs from, when it runs from one (an editable install).
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +118,10 @@ class Settings(BaseSettings):
     archive_attempts: int = Field(default=3, ge=1, le=10)
     # Seconds all attempts at one archive may take together (plus one Docker call's 30 s).
     archive_timeout: float = Field(default=120, ge=1, le=3600)
+    # Bytes of the workspace's files one archive holds at most (512Mi, 1G or bytes; a
+    # template's archive.max_bytes may lower it): files past it are left out and named in the
+    # archive's notes, so an archive never takes more than this of the engine's disk.
+    archive_max_bytes: int = Field(default=512 * 2**20, ge=2**20, le=2**40)
 
     # The AI gateway (docs/claude.md): Claude Code in sandboxes reaches the model through it,
     # with a token good for its sandbox alone. Its port (0: any free port, for tests; the host
@@ -150,6 +156,11 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"anthropic_upstream must be an http(s):// URL, got {value!r}")
         return value
+
+    @field_validator("archive_max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_memory(value) if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import logging
+import re
 import shutil
 import tarfile
 import time
@@ -24,7 +25,7 @@ import pytest
 import websockets
 
 from engine.backend.docker import DockerBackend
-from engine.hiring.archives import Archiver, take_expired
+from engine.hiring.archives import Archiver, pack, take_expired
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
@@ -37,13 +38,15 @@ TEMPLATES = ROOT / "tests" / "fixtures" / "archive-templates"
 
 @pytest.fixture
 def api(database: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """An engine on a database of its own; ``reap_interval`` from the test's parameter."""
+    """An engine on a database of its own; ``reap_interval`` from the test's parameter, or
+    a dict of settings."""
+    given = request.param if isinstance(request.param, dict) else {"reap_interval": request.param}
     settings = Settings(
         database_url=database,
         pulumi_backend_url=f"file://{tmp_path}",
         templates_dir=TEMPLATES,
         archives_dir=tmp_path / "archives",
-        reap_interval=request.param,
+        **given,
     )
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
@@ -247,3 +250,109 @@ def test_submit_typed_in_the_shell_archives_and_tells_the_terminal(api: httpx.Cl
     finally:
         api.delete(f"/api/v1/sandboxes/{sid}")
         _wait(api, sid, ("destroyed",))
+
+
+# A workspace made to be hard to archive, as the candidate: a file past the cap, 100,000 small
+# files in a deep tree, links that loop and point out of the home.
+_HOSTILE = r"""
+set -e
+head -c 250000000 /dev/urandom > ~/workspace/big.bin
+python3 - <<'PY'
+import os
+root = os.path.expanduser("~/many")
+for i in range(100):
+    folder = os.path.join(root, "d%03d" % i)
+    os.makedirs(folder)
+    for j in range(1000):
+        with open(os.path.join(folder, str(j)), "w") as f:
+            f.write("x" * 10)
+deep = os.path.expanduser("~/deep")
+os.makedirs(os.path.join(deep, *["d"] * 200))
+PY
+ln -s / ~/root
+ln -s . ~/loop
+ln ~/workspace/big.bin ~/workspace/big-link.bin
+"""
+
+
+# The engine's cap is the ceiling: the template's 1Gi is above it.
+HOSTILE_SETTINGS = {"archive_max_bytes": "192Mi", "archive_timeout": 60, "reap_interval": 0}
+
+
+@pytest.mark.parametrize("api", [HOSTILE_SETTINGS], indirect=True)
+def test_an_archive_is_capped_and_bounded_in_time_however_hostile_the_workspace(
+    api: httpx.Client, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    cap, timeout = 192 * 2**20, 60
+    created = api.post("/api/v1/sandboxes", json={"template": "capped"})
+    assert created.status_code == 202, created.text
+    sandbox = _wait(api, created.json()["id"], ("running",))
+    sid = sandbox["id"]
+    made = docker_client.containers.get(sandbox["workspace"]).exec_run(
+        ["bash", "-c", _HOSTILE], user="coder"
+    )
+    assert made.exit_code == 0, made.output
+    started = time.monotonic()
+    assert api.delete(f"/api/v1/sandboxes/{sid}").status_code == 202
+    _wait(api, sid, ("destroyed",))
+    took = time.monotonic() - started
+    [archive] = api.get(f"/api/v1/sandboxes/{sid}/archives").json()["items"]
+    assert archive["error"] is None, archive
+    notes = archive["notes"] or ""
+    assert notes.startswith("left out past the 192.0 MiB cap: 2 entries, 238.4 MiB: "), notes
+    # The file and its hard link are one file: Docker's tar names either one first.
+    assert re.search(r"/home/coder/workspace/big(-link)?\.bin \(238\.4 MiB\)", notes), notes
+    got = api.get(archive["download"]).content
+    # The engine's disk: the one archive, within the cap; no partial file left.
+    kept = list((tmp_path / "archives").iterdir())
+    assert [p.name for p in kept] == [p.name for p in kept if p.suffix == ".gz"] and len(kept) == 1
+    assert archive["bytes"] == len(got) == kept[0].stat().st_size <= cap
+    with tarfile.open(fileobj=io.BytesIO(got)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert "home/coder/workspace/big.bin" not in members
+    assert "home/coder/workspace/big-link.bin" not in members  # its file was left out
+    assert members["home/coder/loop"].issym() and members["home/coder/root"].issym()
+    assert archive["files"] > 100_000  # everything else fits: the small files, the links
+    # The documented bound: SANDBOX_ARCHIVE_TIMEOUT, one file of at most the cap, one Docker
+    # call's 30 s — and the stack's destroy beside it.
+    assert took < timeout + 30 + 60, took
+    assert leftovers(docker_client, f"sbx-{sid}") == []
+    print(f"hostile workspace: destroyed in {took:.1f} s, archive {len(got)} bytes; {notes[:200]}")
+
+
+class _SlowTar:
+    """A backend whose one path is a tar stream of 20 one-MiB files, one file every 0.1 s."""
+
+    def get_files(self, container: str, path: str, chunk_size: int) -> Iterator[bytes]:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for i in range(20):
+                info = tarfile.TarInfo(f"work/f{i:02d}")
+                info.size = 2**20
+                tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+        data = buffer.getvalue()
+        for at in range(0, len(data), 2**20 + 512):
+            yield data[at : at + 2**20 + 512]
+            time.sleep(0.1)
+
+
+def test_an_archive_cut_at_its_time_bound_keeps_what_it_packed_whole(tmp_path: Path) -> None:
+    dest = tmp_path / "a.tar.gz"
+    packed = pack(
+        _SlowTar(),  # type: ignore[arg-type]  # the seam's one method pack uses on this path
+        "ws",
+        ("/home/coder/work", "/etc/never-read"),
+        dest,
+        deadline=time.monotonic() + 0.55,
+        max_bytes=2**30,
+    )
+    [note] = packed.notes
+    assert note.startswith("cut at the time bound (SANDBOX_ARCHIVE_TIMEOUT) in /home/coder/work/")
+    assert note.endswith("; not read: /etc/never-read")
+    with tarfile.open(dest) as tar:  # a whole archive: every member it has is complete
+        members = tar.getmembers()
+        for member in members:
+            body = tar.extractfile(member)
+            assert body is not None
+            assert body.read() == bytes([int(member.name[-2:])]) * 2**20
+    assert 2 <= len(members) == packed.files < 20

@@ -38,6 +38,8 @@ ttl: 1h
         (GOOD + "colour: blue\n", "colour", 4, "unknown field"),
         (GOOD + "resources:\n  memory_limit: 4GB\n", "resources.memory_limit", 5, "memory size"),
         (GOOD + "resources:\n  cpu_limit: lots\n", "resources.cpu_limit", 5, "CPU cores"),
+        (GOOD + "archive:\n  max_bytes: 10\n", "archive.max_bytes", 5, "at least 1Mi"),
+        (GOOD + "archive:\n  max_bytes: lots\n", "archive.max_bytes", 5, "memory size"),
         ("name: task\nttl: 1h\n", "base_image", None, "is required"),
         (GOOD + "max_ttl: 30m\n", "ttl", 3, "longer than max_ttl"),
         (GOOD.replace("1h", "4 hours"), "ttl", 3, "duration"),

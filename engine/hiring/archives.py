@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import io
 import logging
 import posixpath
@@ -142,16 +143,19 @@ def format_size(size: int) -> str:
 
 class _Chunks:
     """A readable file over Docker's chunk iterator, for tarfile's stream mode; raises past the
-    deadline, so a slow stream cannot hold the destroy."""
+    deadline, so a slow stream cannot hold the destroy — but not while ``holding`` (a member
+    being copied into the archive, at most the cap's size, is finished so the archive stays
+    whole)."""
 
     def __init__(self, chunks: Iterator[bytes], deadline: float) -> None:
         self._chunks = chunks
         self._buffer = b""
         self._deadline = deadline
+        self.holding = False
 
     def read(self, size: int = -1) -> bytes:
         while size < 0 or len(self._buffer) < size:
-            if time.monotonic() > self._deadline:
+            if not self.holding and time.monotonic() > self._deadline:
                 raise TimeoutError("the archive took longer than archive_timeout")
             chunk = next(self._chunks, b"")
             if not chunk:
@@ -176,6 +180,50 @@ class _Hashing:
         return self.out.write(data)
 
 
+class _Budget:
+    """The cap on the bytes of files one archive holds: members that do not fit are left out
+    and counted, the largest named."""
+
+    NAMED = 10  # left-out files named in the notes, largest first
+    HEADER = 1536  # bytes a member's headers may take in the tar, counted against the cap
+
+    def __init__(self, cap: int) -> None:
+        self.left = cap
+        self.cap = cap
+        self.skipped = 0
+        self.skipped_bytes = 0
+        self._largest: list[tuple[int, str]] = []
+        self._left_out: set[str] = set()  # member names, for the hard links to them
+
+    def take(self, member: tarfile.TarInfo, name: str) -> bool:
+        """Whether the member fits (and is counted), or is left out (as is a hard link to a
+        file left out)."""
+        need = self.HEADER + (member.size if member.isreg() else 0)
+        if member.islnk() and member.linkname in self._left_out:
+            need = self.left + 1
+        if need <= self.left:
+            self.left -= need
+            return True
+        self.skipped += 1
+        self.skipped_bytes += member.size
+        self._left_out.add(member.name)
+        said = "a hard link to a file left out" if member.islnk() else format_size(member.size)
+        heapq.heappush(self._largest, (member.size, f"{name} ({said})"))
+        if len(self._largest) > self.NAMED:
+            heapq.heappop(self._largest)
+        return False
+
+    def note(self) -> str | None:
+        if not self.skipped:
+            return None
+        named = ", ".join(text for _, text in sorted(self._largest, reverse=True))
+        more = self.skipped - len(self._largest)
+        return (
+            f"left out past the {format_size(self.cap)} cap: {self.skipped} entries,"
+            f" {format_size(self.skipped_bytes)}: {named}" + (f" and {more} more" if more else "")
+        )
+
+
 def pack(
     backend: Backend,
     workspace: str,
@@ -183,14 +231,17 @@ def pack(
     dest: Path,
     *,
     deadline: float,
+    max_bytes: int,
     extra: dict[str, bytes] | None = None,
 ) -> Packed:
     """Stream ``paths`` out of the container into ``dest`` (a .tar.gz), with ``extra`` files
-    (name: content) of the engine's beside them. Blocking: run it in a thread. Raises
-    WorkspaceGone when the container does not exist."""
+    (name: content) of the engine's beside them; files past ``max_bytes`` are left out, and
+    at ``deadline`` what was packed is kept — either way the notes say so. Blocking: run it
+    in a thread. Raises WorkspaceGone when the container does not exist."""
     files = 0
     repos: list[str] = []
     notes: list[str] = []
+    budget = _Budget(max_bytes)
     with dest.open("wb") as raw:
         out = _Hashing(raw)
         with tarfile.open(fileobj=out, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -198,7 +249,7 @@ def pack(
                 info = tarfile.TarInfo(extra_name)
                 info.size, info.mode, info.mtime = len(content), 0o644, int(time.time())
                 tar.addfile(info, io.BytesIO(content))
-            for path in paths:
+            for number, path in enumerate(paths):
                 try:
                     stream = backend.get_files(workspace, path, chunk_size=CHUNK)
                 except ContainerGone:
@@ -206,20 +257,71 @@ def pack(
                 if stream is None:
                     notes.append(f"{path} does not exist")
                     continue
-                prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
-                with tarfile.open(fileobj=_Chunks(stream, deadline), mode="r|") as src:  # type: ignore[call-overload]
-                    for member in src:
-                        name = posixpath.join(prefix, member.name)
-                        absolute = "/" + name
-                        if member.isdir() and posixpath.basename(name) == ".git":
-                            repos.append(posixpath.dirname(absolute))
-                        data = src.extractfile(member) if member.isreg() else None
-                        member.name = name
-                        if member.islnk():  # hard links name a member of the same tar
-                            member.linkname = posixpath.join(prefix, member.linkname)
-                        tar.addfile(member, data)
-                        files += member.isreg()
+                try:
+                    files += _copy(tar, stream, path, deadline, budget, repos)
+                except _TimeUp as exc:
+                    files += exc.added
+                    rest = ", ".join(paths[number + 1 :])
+                    cut = f"cut at the time bound (SANDBOX_ARCHIVE_TIMEOUT) in {exc}"
+                    notes.append(cut + (f"; not read: {rest}" if rest else ""))
+                    break
+    if note := budget.note():
+        notes.insert(0, note)
     return Packed(out.size, files, out.sha.hexdigest(), tuple(repos), tuple(notes))
+
+
+class _TimeUp(Exception):
+    """The archive's time bound came while a path was being read: where, and how many
+    regular files of it were added before."""
+
+    def __init__(self, where: str, added: int) -> None:
+        super().__init__(where)
+        self.added = added
+
+
+def _copy(
+    tar: tarfile.TarFile,
+    stream: Iterator[bytes],
+    path: str,
+    deadline: float,
+    budget: _Budget,
+    repos: list[str],
+) -> int:
+    """The members of one path's tar stream added to ``tar`` as far as the budget allows;
+    returns how many regular files were added. Raises _TimeUp at the deadline (what was added
+    stays, the stream is closed)."""
+    prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
+    added = 0
+    name = path
+    try:
+        chunks = _Chunks(stream, deadline)
+        with tarfile.open(fileobj=chunks, mode="r|") as src:  # type: ignore[call-overload]
+            for member in src:
+                name = posixpath.join(prefix, member.name)
+                absolute = "/" + name
+                if time.monotonic() > deadline:
+                    raise _TimeUp(absolute, added)
+                if not budget.take(member, absolute):
+                    continue
+                if member.isdir() and posixpath.basename(name) == ".git":
+                    repos.append(posixpath.dirname(absolute))
+                data = src.extractfile(member) if member.isreg() else None
+                member.name = name
+                if member.islnk():  # hard links name a member of the same tar
+                    member.linkname = posixpath.join(prefix, member.linkname)
+                chunks.holding = True
+                try:
+                    tar.addfile(member, data)
+                finally:
+                    chunks.holding = False
+                added += member.isreg()
+    except TimeoutError:  # the stream, between members or in one left out
+        raise _TimeUp(f"/{name.lstrip('/')}", added) from None
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return added
 
 
 def git_summary(backend: Backend, workspace: str, repos: tuple[str, ...]) -> str:
@@ -419,6 +521,7 @@ class Archiver:
         error: str | None = None
         retried = 0
         delay = 1.0
+        cap = min(spec.max_bytes or settings.archive_max_bytes, settings.archive_max_bytes)
         for attempt in range(1, settings.archive_attempts + 1):
             part = dest.with_name(dest.name + ".part")
             try:
@@ -426,7 +529,14 @@ class Archiver:
                     raise WorkspaceGone("the sandbox has no workspace container")
                 await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
                 packed = await asyncio.to_thread(
-                    pack, self.backend, workspace, spec.paths, part, deadline=deadline, extra=extra
+                    pack,
+                    self.backend,
+                    workspace,
+                    spec.paths,
+                    part,
+                    deadline=deadline,
+                    max_bytes=cap,
+                    extra=extra,
                 )
                 await asyncio.to_thread(part.rename, dest)
                 return packed, None

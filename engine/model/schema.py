@@ -285,6 +285,17 @@ class Archive:
             description="how long the archive is kept; default SANDBOX_ARCHIVE_RETENTION",
         )
     )
+    max_bytes: Annotated[
+        int | None,
+        Checks(
+            lambda v: v if v is None else parsed(parse_memory)(v),
+            must(lambda v: v is None or v >= 2**20, "must be at least 1Mi"),
+        ),
+    ] = Field(
+        default=None,
+        description="bytes of files the archive holds at most (512Mi, 1G); at most"
+        " SANDBOX_ARCHIVE_MAX_BYTES, its default",
+    )
 
 
 @dataclass(frozen=True, config=SECTION)
