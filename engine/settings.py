@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     listen_port: int = Field(default=8000, ge=1, le=65535)
     # Docker network Traefik reaches published workspaces on (inter-container traffic off).
     edge_network: str = Field(default="sandbox-edge", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    # The container runtime of sandboxes whose template sets none: runc (Docker's), or runsc
+    # (gVisor, registered with dockerd under that name: docs/security.md).
+    runtime: str = Field(default="runc", pattern=r"^(runc|runsc)$")
     # The edge network's subnet: every live sandbox with a public port holds one address of it
     # (a /20: 4,094). A private range the host does not route, apart from Docker's address
     # pools; empty: whatever Docker's default pool gives (a /26 there: 61 sandboxes).

@@ -34,6 +34,7 @@ def program() -> None:
             engine=cfg.get("engine") or "",
             edge_network=cfg.get("edgeNetwork") or "sandbox-edge",
             public_port=cfg.get_int("publicPort") or 0,
+            runtime=cfg.get("runtime") or "runc",
         ),
     )
     password = cfg.require_secret("servicePassword") if "postgres" in template.services else None

@@ -114,6 +114,7 @@ def _container(
         restart="unless-stopped",
         user=c.user or None,
         working_dir=c.workdir or None,
+        runtime=c.runtime or None,
         wait=c.wait_healthy,
         wait_timeout=120,
         opts=pulumi.ResourceOptions(depends_on=depends_on),

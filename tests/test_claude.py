@@ -103,6 +103,7 @@ def world(
                 ("b", "claude"),
                 ("p", "pinned"),
                 ("o", "operator"),
+                ("g", "claude-gvisor"),
             ):
                 made = http.post("/api/v1/sandboxes", json={"template": template})
                 assert made.status_code == 202, made.text
@@ -205,6 +206,16 @@ def test_claude_p_prints_the_upstream_s_answer_with_the_operator_s_key_upstream_
         assert "sgt_" not in json.dumps(request.headers) and b"sgt_" not in request.raw
     token = world.settings_of("a")["env"]["ANTHROPIC_AUTH_TOKEN"]
     assert token.startswith("sgt_")
+
+
+def test_claude_code_under_gvisor_answers_through_the_gateway(world: World) -> None:
+    """runtime: runsc: the same Claude Code, its settings and token put in by the engine,
+    reaches the gateway from inside gVisor (whose kernel says 4.4.0)."""
+    assert world.workspace("g").attrs["HostConfig"]["Runtime"] == "runsc"
+    assert world.sh("g", "uname -r")[1].strip() == "4.4.0"
+    code, out = world.sh("g", "claude -p 'hello from gvisor'", timeout=180)
+    assert code == 0, out
+    assert "Hello from the stand-in model" in out and "hello from gvisor" in out, out
 
 
 def test_an_interactive_session_goes_straight_to_the_prompt(world: World) -> None:

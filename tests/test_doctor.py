@@ -57,6 +57,7 @@ def test_make_doctor_prints_a_table_and_exits_0() -> None:
         "language host",
         "traefik",
         "base image",
+        "gvisor (runsc)",
         "python package",
     ):
         assert any(r.startswith("OK") and component in r for r in rows), (component, out.stdout)

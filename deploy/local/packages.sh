@@ -12,6 +12,7 @@ command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v chromium >/dev/null || missing+=(chromium) # the UI's end-to-end test
+command -v runsc >/dev/null || missing+=(runsc)       # gVisor, a template's runtime: runsc
 
 if ((${#missing[@]} == 0)); then
 	log "all present"

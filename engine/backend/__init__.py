@@ -77,6 +77,9 @@ class Backend(Protocol):
     """What the lifecycle, the hiring features, the terminal and the AI setup ask of a
     sandbox's containers (module docstring). Every call blocks: run them in a thread."""
 
+    def runtimes(self) -> list[str]:
+        """The container runtimes the daemon has (runc, and runsc where registered)."""
+
     def ping(self) -> None:
         """Raise BackendError unless the backend answers."""
 

@@ -72,6 +72,10 @@ class DockerBackend:
         with self._api(timeout=3) as api:
             api.ping()
 
+    def runtimes(self) -> list[str]:
+        with self._api(timeout=10) as api:
+            return sorted(api.info().get("Runtimes") or {})
+
     # --- running things ------------------------------------------------------------------
 
     def run(

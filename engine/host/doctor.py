@@ -314,6 +314,29 @@ def check_base_image() -> Check:
     return Check("base image", True, f"{BASE_IMAGE} {image.short_id}")
 
 
+def check_runsc() -> Check:
+    """gVisor: registered with dockerd as ``runsc``, and a container runs under it."""
+    import docker
+
+    fix = "make setup (installs Debian's runsc and registers it: deploy/local/dockerd.sh)"
+    try:
+        client = docker.from_env(timeout=60)
+        runtimes = client.info().get("Runtimes") or {}
+        if "runsc" not in runtimes:
+            return Check("gvisor (runsc)", False, "dockerd has no runtime runsc", fix)
+        args = " ".join(runtimes["runsc"].get("runtimeArgs") or [])
+        said = client.containers.run(
+            BASE_IMAGE, ["uname", "-r"], runtime="runsc", network_mode="none", remove=True
+        )
+        client.close()
+    except docker.errors.ImageNotFound:
+        return Check("gvisor (runsc)", False, f"{BASE_IMAGE} is missing", "images/base/build.sh")
+    except Exception as exc:  # the runtime is there and fails: say how
+        return Check("gvisor (runsc)", False, f"a container under runsc failed: {exc}"[:300], fix)
+    kernel = said.decode().strip() if isinstance(said, bytes) else "?"
+    return Check("gvisor (runsc)", True, f"runs (its kernel reports {kernel}; {args})")
+
+
 def check_docker_provider(settings: Settings) -> Check:
     from engine.host.toolenv import PROVIDER_MODULE, ensure_docker_plugin
 
@@ -346,6 +369,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_edge(settings),
         check_firewall,
         check_base_image,
+        check_runsc,
         lambda: check_docker_provider(settings),
         check_package,
     )

@@ -31,6 +31,8 @@ ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,99}$")
 SERVICES = ("postgres", "redis")
 CLAUDE_ACCESS = ("gateway", "none", "operator-login")
+# Container runtimes a template may ask for (docs/security.md): Docker's own, and gVisor.
+RUNTIMES = ("runc", "runsc")
 DEFAULT_PIDS_LIMIT = 1024
 MAX_POOL = 50
 MAX_INIT = 20  # init commands of a task
@@ -386,6 +388,13 @@ class TemplateFile(BaseModel):
         ],
         Checks(null_is(()), listed("must be a list of service names")),
     ] = Field(default=(), description=f"each at most once: {', '.join(SERVICES)}")
+    runtime: Annotated[
+        str | None,
+        Checks(must(lambda v: v is None or v in RUNTIMES, f"must be one of {', '.join(RUNTIMES)}")),
+    ] = Field(
+        default=None,
+        description="the containers' runtime: runc, or runsc (gVisor); default SANDBOX_RUNTIME",
+    )
     resources: Annotated[Resources, Checks(section(Resources))] = Field(
         default=Resources(), description="limits of the workspace container"
     )

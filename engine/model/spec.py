@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from engine.model.templates import Template
@@ -75,6 +75,7 @@ class SpecSettings:
     engine: str = ""  # engine instance id, labelled on every object; empty: no label
     edge_network: str = "sandbox-edge"  # network Traefik reaches published workspaces on
     public_port: int = 0  # port in published URLs; 0: the scheme's default
+    runtime: str = "runc"  # the runtime of templates that set none (SANDBOX_RUNTIME)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class ContainerSpec:
     wait_healthy: bool = False
     # Shared networks the container also joins (not the stack's): the edge network.
     extra_networks: tuple[str, ...] = ()
+    # The runtime dockerd runs it with; empty: dockerd's default (runc), as before runtimes
+    # could be chosen, so that existing stacks show no change.
+    runtime: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,13 @@ def stack_name(sandbox_id: str) -> str:
     return f"sbx-{sandbox_id}"
 
 
+def runtime_of(template: Template, settings: SpecSettings) -> str:
+    """The runtime the sandbox's containers ask dockerd for: empty for runc, dockerd's
+    default (so a stack made before runtimes could be chosen shows no change)."""
+    runtime = template.runtime or settings.runtime
+    return "" if runtime == "runc" else runtime
+
+
 def build_spec(template: Template, request: SandboxRequest, settings: SpecSettings) -> SandboxSpec:
     """The whole sandbox, decided. Raises ValueError for an id or domain that could reach a
     Traefik rule or a Docker name unchecked."""
@@ -155,6 +166,10 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         common[L_ENGINE] = settings.engine
     services = [_service(name, prefix, common) for name in template.services]
     workspace, endpoints = _workspace(template, prefix, common, settings)
+    runtime = runtime_of(template, settings)
+    if runtime:  # every container of the sandbox, services too
+        services = [replace(s, runtime=runtime) for s in services]
+        workspace = replace(workspace, runtime=runtime)
     return SandboxSpec(
         sandbox_id=sid,
         stack=prefix,

@@ -85,6 +85,7 @@ class Creates:
         # Cold creates of this process running or queued for a stack thread (the bound on
         # them is max_pending_creates; pool refills are not counted, they wait their turn).
         self._pending = 0
+        self._runtimes: frozenset[str] = frozenset()  # dockerd's, as last asked
 
     async def create(
         self, client: Client, request: CreateRequest
@@ -98,6 +99,7 @@ class Creates:
             if found:
                 return found, False, "idempotent"
         template, ttl_seconds, env = self._checked(request)
+        await self._check_runtime(template)
         self._rate_limit(client)
         # A create the warm pool can serve: the template keeps a pool and the request asks
         # for nothing a pool sandbox was not made with (env is baked into its containers).
@@ -127,6 +129,21 @@ class Creates:
             self.job(row, template, client.name, env, reserved=source == "reserve", counted=True)
         )
         return row, True, source
+
+    async def _check_runtime(self, template: Template) -> None:
+        """A template whose runtime dockerd does not have is refused before anything is made
+        (dockerd is asked again each time until it has it: registering it needs no restart
+        of the engine)."""
+        runtime = template.runtime or self.settings.runtime
+        if runtime == "runc" or runtime in self._runtimes:
+            return
+        self._runtimes = frozenset(await asyncio.to_thread(self.backend.runtimes))
+        if runtime not in self._runtimes:
+            raise InvalidRequest(
+                "template",
+                f"{template.name!r} runs under the {runtime} runtime, which dockerd does not"
+                " have: the operator registers it (make setup; docs/security.md, gVisor)",
+            )
 
     def _checked(self, request: CreateRequest) -> tuple[Template, int, dict[str, str]]:
         """The request's template, TTL (seconds) and env, each checked (InvalidRequest names

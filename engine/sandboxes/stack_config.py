@@ -48,6 +48,7 @@ class StackConfig:
             "sandbox:tlsResolver": auto.ConfigValue(settings.tls_resolver),
             "sandbox:edgeNetwork": auto.ConfigValue(settings.edge_network),
             "sandbox:publicPort": auto.ConfigValue(str(settings.public_port)),
+            "sandbox:runtime": auto.ConfigValue(settings.runtime),
         }
         if instance:
             config["sandbox:engine"] = auto.ConfigValue(instance)
