@@ -64,6 +64,30 @@ def serve(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
         thread.join(timeout=600)
 
 
+@contextmanager
+def member_api(
+    database: str, tmp_path: Path, templates: Path, **settings: Any
+) -> Iterator[httpx.Client]:
+    """An engine on ``database`` (migrated) served in this process with ``templates``, a file
+    Pulumi backend and archives in ``tmp_path``, and ``settings`` besides; yields a client
+    holding a new member key."""
+    engine = Settings(
+        database_url=database,
+        pulumi_backend_url=f"file://{tmp_path}",
+        templates_dir=templates,
+        archives_dir=tmp_path / "archives",
+        **settings,
+    )
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        key = create_client(conn, name="member", role=Role.MEMBER)[1]
+    with (
+        serve(engine) as address,
+        httpx.Client(base_url=f"http://{address}", headers={"X-API-Key": key}, timeout=120) as http,
+    ):
+        yield http
+
+
 def descendants(pid: int) -> list[int]:
     """Every process under ``pid`` (children, theirs…), read from /proc."""
     children: dict[int, list[int]] = {}

@@ -28,8 +28,7 @@ from engine.backend.docker import DockerBackend
 from engine.hiring.archives import Archiver, pack, take_expired
 from engine.migrate import migrate
 from engine.settings import Settings
-from engine.store import Role, create_client
-from tests.api_server import Terminal, serve
+from tests.api_server import Terminal, member_api
 from tests.conftest import ROOT
 from tests.provider_helpers import leftovers
 
@@ -41,20 +40,7 @@ def api(database: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     """An engine on a database of its own; ``reap_interval`` from the test's parameter, or
     a dict of settings."""
     given = request.param if isinstance(request.param, dict) else {"reap_interval": request.param}
-    settings = Settings(
-        database_url=database,
-        pulumi_backend_url=f"file://{tmp_path}",
-        templates_dir=TEMPLATES,
-        archives_dir=tmp_path / "archives",
-        **given,
-    )
-    migrate(database)
-    with psycopg.connect(database, autocommit=True) as conn:
-        key = create_client(conn, name="hiring", role=Role.MEMBER)[1]
-    with (
-        serve(settings) as address,
-        httpx.Client(base_url=f"http://{address}", headers={"X-API-Key": key}, timeout=120) as http,
-    ):
+    with member_api(database, tmp_path, TEMPLATES, **given) as http:
         yield http
 
 

@@ -16,17 +16,14 @@ from typing import Any
 
 import docker
 import httpx
-import psycopg
 import pytest
 import websockets
 
 from engine.backend.docker import DockerBackend
 from engine.host.edge import Edge, EdgeError
-from engine.migrate import migrate
 from engine.model.spec import L_SANDBOX, L_TEMPLATE
 from engine.settings import Settings
-from engine.store import Role, create_client
-from tests.api_server import Terminal, serve, wait_for_state
+from tests.api_server import Terminal, member_api, wait_for_state
 from tests.conftest import ROOT
 from tests.provider_helpers import leftovers
 
@@ -40,20 +37,7 @@ def api(database: str, tmp_path: Path, settings: Settings) -> Iterator[httpx.Cli
         Edge(settings).start()  # leaves a running, unchanged Traefik alone
     except EdgeError as exc:
         pytest.fail(f"the local Traefik (make edge) cannot run: {exc}")
-    engine = Settings(
-        database_url=database,
-        pulumi_backend_url=f"file://{tmp_path}",
-        templates_dir=TEMPLATES,
-        archives_dir=tmp_path / "archives",
-        reap_interval=0,
-    )
-    migrate(database)
-    with psycopg.connect(database, autocommit=True) as conn:
-        key = create_client(conn, name="gvisor", role=Role.MEMBER)[1]
-    with (
-        serve(engine) as address,
-        httpx.Client(base_url=f"http://{address}", headers={"X-API-Key": key}, timeout=120) as http,
-    ):
+    with member_api(database, tmp_path, TEMPLATES, reap_interval=0) as http:
         yield http
 
 

@@ -20,13 +20,10 @@ import yaml
 
 from engine.errors import TemplateError
 from engine.hiring.tasks import pack
-from engine.migrate import migrate
 from engine.model.spec import L_ROLE, L_SANDBOX
 from engine.model.templates import load
 from engine.sandboxes.jobs import Emitter
-from engine.settings import Settings
-from engine.store import Role, create_client
-from tests.api_server import serve
+from tests.api_server import member_api
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "tests" / "fixtures" / "task-templates"
@@ -69,18 +66,7 @@ def test_bad_tasks_are_named_with_field_and_line(
 
 @pytest.fixture(scope="module")
 def api(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    settings = Settings(
-        database_url=module_database,
-        pulumi_backend_url=f"file://{tmp_path_factory.mktemp('state')}",
-        templates_dir=TEMPLATES,
-    )
-    migrate(module_database)
-    with psycopg.connect(module_database, autocommit=True) as conn:
-        key = create_client(conn, name="hiring", role=Role.MEMBER)[1]
-    with (
-        serve(settings) as address,
-        httpx.Client(base_url=f"http://{address}", headers={"X-API-Key": key}, timeout=60) as http,
-    ):
+    with member_api(module_database, tmp_path_factory.mktemp("state"), TEMPLATES) as http:
         yield http, module_database
 
 
