@@ -242,7 +242,7 @@ def test_submit_typed_in_the_shell_archives_and_tells_the_terminal(api: httpx.Cl
 # files in a deep tree, links that loop and point out of the home.
 _HOSTILE = r"""
 set -e
-head -c 250000000 /dev/urandom > ~/workspace/big.bin
+head -c 250000000 /dev/zero > ~/workspace/big.bin
 python3 - <<'PY'
 import os
 root = os.path.expanduser("~/many")
