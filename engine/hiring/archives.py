@@ -193,20 +193,19 @@ class _Budget:
         self.skipped = 0
         self.skipped_bytes = 0
         self._largest: list[tuple[int, str]] = []
-        self._left_out: set[str] = set()  # member names, for the hard links to them
+        self._left_out: set[str] = set()  # files left out, for the hard links to them
 
-    def take(self, member: tarfile.TarInfo, name: str) -> bool:
-        """Whether the member fits (and is counted), or is left out (as is a hard link to a
-        file left out)."""
+    def take(self, member: tarfile.TarInfo, name: str, link: str | None) -> bool:
+        """Whether the member ``name`` fits (and is counted), or is left out (as is a hard
+        link whose file, ``link``, was); both are absolute names."""
         need = self.HEADER + (member.size if member.isreg() else 0)
-        if member.islnk() and member.linkname in self._left_out:
-            need = self.left + 1
-        if need <= self.left:
+        if need <= self.left and link not in self._left_out:
             self.left -= need
             return True
         self.skipped += 1
         self.skipped_bytes += member.size
-        self._left_out.add(member.name)
+        if member.isreg():
+            self._left_out.add(name)
         said = "a hard link to a file left out" if member.islnk() else format_size(member.size)
         heapq.heappush(self._largest, (member.size, f"{name} ({said})"))
         if len(self._largest) > self.NAMED:
@@ -292,23 +291,25 @@ def _copy(
     stays, the stream is closed)."""
     prefix = posixpath.dirname(path.rstrip("/")).lstrip("/")
     added = 0
-    name = path
+    where = path
     try:
         chunks = _Chunks(stream, deadline)
         with tarfile.open(fileobj=chunks, mode="r|") as src:  # type: ignore[call-overload]
             for member in src:
                 name = posixpath.join(prefix, member.name)
-                absolute = "/" + name
+                where = "/" + name
                 if time.monotonic() > deadline:
-                    raise _TimeUp(absolute, added)
-                if not budget.take(member, absolute):
+                    raise _TimeUp(where, added)
+                # Hard links name a member of the same tar.
+                link = posixpath.join(prefix, member.linkname) if member.islnk() else None
+                if not budget.take(member, where, link and "/" + link):
                     continue
                 if member.isdir() and posixpath.basename(name) == ".git":
-                    repos.append(posixpath.dirname(absolute))
+                    repos.append(posixpath.dirname(where))
                 data = src.extractfile(member) if member.isreg() else None
                 member.name = name
-                if member.islnk():  # hard links name a member of the same tar
-                    member.linkname = posixpath.join(prefix, member.linkname)
+                if link is not None:
+                    member.linkname = link
                 chunks.holding = True
                 try:
                     tar.addfile(member, data)
@@ -316,7 +317,7 @@ def _copy(
                     chunks.holding = False
                 added += member.isreg()
     except TimeoutError:  # the stream, between members or in one left out
-        raise _TimeUp(f"/{name.lstrip('/')}", added) from None
+        raise _TimeUp(where, added) from None
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
