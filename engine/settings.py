@@ -126,6 +126,20 @@ class Settings(BaseSettings):
     # archive's notes, so an archive never takes more than this of the engine's disk.
     archive_max_bytes: int = Field(default=512 * 2**20, ge=2**20, le=2**40)
 
+    # Every sandbox writes to a disk of its own (engine/host/disks.py, docs/security.md): a
+    # loop-mounted ext4 file of its template's resources.disk_limit, or this for templates
+    # that set none (10Gi, 1G or bytes). False: Docker's volumes on the host's disk, with no
+    # bound (a candidate can fill the host's disk; for hosts that cannot loop-mount).
+    disks: bool = True
+    disk_limit: int = Field(default=10 * 2**30, ge=64 * 2**20, le=2**44)
+    # Folder of the disks on the host; default <state dir>/disks. A file system of its own in
+    # production (docs/operations.md, Disks).
+    disk_dir: Path | None = None
+    # An image with nsenter to run the disk commands in (a one-shot container in dockerd's
+    # mount namespace) when the engine is not root on the host (the compose file's engine);
+    # empty: the engine's own process runs them.
+    disk_helper_image: str = ""
+
     # The AI gateway (docs/claude.md): Claude Code in sandboxes reaches the model through it,
     # with a token good for its sandbox alone. Its port (0: any free port, for tests; the host
     # firewall admits sandboxes to this port and nothing else of the host).
@@ -160,7 +174,7 @@ class Settings(BaseSettings):
             raise ValueError(f"anthropic_upstream must be an http(s):// URL, got {value!r}")
         return value
 
-    @field_validator("archive_max_bytes", mode="before")
+    @field_validator("archive_max_bytes", "disk_limit", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_memory(value) if isinstance(value, str) else value
@@ -218,6 +232,10 @@ class Settings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir or self.project_dir / ".state"
+
+    @property
+    def disk_path(self) -> Path:
+        return (self.disk_dir or self.state_path / "disks").resolve()
 
     @property
     def recordings_path(self) -> Path:

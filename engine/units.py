@@ -24,6 +24,14 @@ def parse_memory(text: str) -> int:
     return value
 
 
+def format_memory(size: int) -> str:
+    """Bytes as the largest binary unit that keeps a whole number or one decimal: 10.0 GiB."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} B"
+
+
 def parse_cpus(text: str) -> float:
     """CPU cores as a decimal ("2", "0.5"); millicores ("500m") are accepted too."""
     raw = text.strip()

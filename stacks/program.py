@@ -35,6 +35,7 @@ def program() -> None:
             edge_network=cfg.get("edgeNetwork") or "sandbox-edge",
             public_port=cfg.get_int("publicPort") or 0,
             runtime=cfg.get("runtime") or "runc",
+            disk=cfg.get("disk") or "",
         ),
     )
     password = cfg.require_secret("servicePassword") if "postgres" in template.services else None

@@ -32,6 +32,13 @@ def declare(
             name.removeprefix(f"{spec.stack}-"),
             name=name,
             labels=_labels(spec.labels, docker.VolumeLabelArgs),
+            # A folder of the sandbox's disk (engine/host/disks.py), bound by Docker's local
+            # driver: the disk's size bounds what the sandbox writes.
+            driver_opts=(
+                {"type": "none", "o": "bind", "device": spec.volume_folder(name)}
+                if spec.disk
+                else None
+            ),
         )
         for name in spec.volumes
     }
@@ -115,6 +122,8 @@ def _container(
         user=c.user or None,
         working_dir=c.workdir or None,
         runtime=c.runtime or None,
+        read_only=c.read_only or None,
+        tmpfs=c.tmpfs or None,
         wait=c.wait_healthy,
         wait_timeout=120,
         opts=pulumi.ResourceOptions(depends_on=depends_on),

@@ -7,6 +7,7 @@ import calendar
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,6 +42,13 @@ if "SANDBOX_ARCHIVES_DIR" not in os.environ:
     RUN_ARCHIVES: str | None = os.environ["SANDBOX_ARCHIVES_DIR"]
 else:
     RUN_ARCHIVES = None
+# Every sandbox's disk (engine/host/disks.py): in a folder of the run, which must hold none at
+# its end (each sandbox's disk goes with it).
+if "SANDBOX_DISK_DIR" not in os.environ:
+    os.environ["SANDBOX_DISK_DIR"] = tempfile.mkdtemp(prefix="sandbox-test-disks-")
+    RUN_DISKS: str | None = os.environ["SANDBOX_DISK_DIR"]
+else:
+    RUN_DISKS = None
 # An engine a test stops waits for its jobs as long as they take (tests end with nothing of
 # theirs left); the stop tests set their own bound.
 os.environ.setdefault("SANDBOX_STOP_TIMEOUT", "600")
@@ -50,6 +58,23 @@ os.environ.setdefault("SANDBOX_GATEWAY_SERVE", "false")
 # The checkout's first admin key is the newcomer's: no test may write it (their engines keep
 # their state in folders of their own). The session ends by checking it was left as it was.
 FIRST_ADMIN_KEY = ROOT / ".state" / "first-admin-key"
+
+
+def unmount_under(folder: Path | str) -> list[str]:
+    """Unmount every file system mounted under ``folder`` (sandbox disks a failed test left);
+    returns their mount points."""
+    prefix = str(Path(folder).resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return points
+
+
+def _left_disks(folder: str) -> list[str]:
+    """Sandbox disks (their files or mounts) left in the run's disk folder."""
+    images = [f"disk {p.relative_to(folder)}" for p in Path(folder).rglob("*.img")]
+    return images + [f"mount {p}" for p in unmount_under(folder)]
 
 
 def _fingerprint(path: Path) -> tuple[int, int] | None:
@@ -123,6 +148,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for folder in (RUN_ARCHIVES, RUN_RECORDINGS):
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
+    if RUN_DISKS:
+        disks = _left_disks(RUN_DISKS)
+        shutil.rmtree(RUN_DISKS, ignore_errors=True)
+        if disks:
+            session.config.get_terminal_writer().line(
+                f"FAILED: tests left sandbox disks behind: {disks}", red=True
+            )
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if _fingerprint(FIRST_ADMIN_KEY) != FIRST_ADMIN_KEY_AT_START:
         session.config.get_terminal_writer().line(
             f"FAILED: a test wrote or removed {FIRST_ADMIN_KEY}", red=True

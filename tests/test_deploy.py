@@ -22,7 +22,7 @@ import pytest
 from engine.backend.docker import remove_labelled
 from engine.host import firewall
 from tests.ai_upstream import serving
-from tests.conftest import ROOT
+from tests.conftest import ROOT, unmount_under
 from tests.gateway_lock import gateway_port
 
 COMPOSE = ROOT / "deploy" / "docker-compose.prod.yml"
@@ -51,6 +51,8 @@ def compose(env_file: Path, project: str, *args: str, check: bool = True) -> str
             text=True,
             timeout=600,
             check=False,
+            # the env file's settings, not this run's (compose prefers the environment's)
+            env={k: v for k, v in os.environ.items() if k != "SANDBOX_DISK_DIR"},
         )
     except FileNotFoundError:
         pytest.fail("docker-compose is missing: deploy/local/packages.sh installs it")
@@ -100,9 +102,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         TRAEFIK_PING_PORT=str(ports["ping"]),
     )
     made: list[str] = []
+    # The sandboxes' disks, made by the engine's helper container on this host, in the run's
+    # folder of disks (tests/conftest.py), through the env file.
+    disks = Path(os.environ["SANDBOX_DISK_DIR"]) / project
     with serving() as (upstream_url, upstream):
         with env.open("a") as fh:
             fh.write(
+                f"SANDBOX_DISK_DIR={disks}\n"
                 f"SANDBOX_ANTHROPIC_UPSTREAM={upstream_url}\n"
                 "SANDBOX_ANTHROPIC_API_KEY=sk-ant-api03-deploy-smoke\n"
                 f"POSTGRES_HOST_PORT={free_port()}\n"
@@ -118,11 +124,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
                 "ports": ports,
                 "sandboxes": made,
                 "upstream": upstream,
+                "disks": disks,
             }
         finally:
             for sid in made:
                 remove_labelled(sid)
             compose(env, project, "down", "-v", "--remove-orphans", check=False)
+            unmount_under(disks)
 
 
 def _claude_when_the_gateway_answers(workspace: Any) -> Any:
@@ -207,6 +215,12 @@ def test_the_stack_serves_the_api_and_sandboxes_through_traefik(
     host = f"{sid}-8000.smoke.test"
     assert body["endpoints"][0]["url"] == f"https://{host}"
     workspace = docker_client.containers.get(body["workspace"])
+    # Its home is a folder of its own disk, made on this host by the unprivileged engine's
+    # helper container: the template sets no disk_limit, so the default 10Gi.
+    home = docker_client.volumes.get(f"sbx-{sid}-home").attrs["Options"]
+    assert home["device"].startswith(str(d["disks"])), home
+    size = workspace.exec_run(["df", "-B1", "--output=size", "/home/coder"]).output.split()[-1]
+    assert 9 * 2**30 < int(size) <= 10 * 2**30, size
     # Claude Code through the gateway service, with the operator's key added there only.
     with gateway_port():
         compose(d["env"], d["project"], "up", "-d", "--no-build", "gateway")
@@ -247,3 +261,4 @@ def test_the_stack_serves_the_api_and_sandboxes_through_traefik(
     assert not docker_client.containers.list(
         all=True, filters={"label": f"io.sandbox-engine.sandbox={sid}"}
     )
+    assert not [p for p in d["disks"].rglob("*") if p.is_file()], "a disk was left behind"

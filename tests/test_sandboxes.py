@@ -72,8 +72,16 @@ def test_template_makes_a_working_sandbox(
             f"Host(`{sid}-{port}.localhost`)"
         )
         mounts = {m["Destination"]: m["Name"] for m in attrs["Mounts"]}
-        # Its own home, ~/.claude in it: the claude-auth volume is never mounted.
-        assert mounts == {"/home/coder": f"sbx-{sid}-home"}
+        # Its own home, ~/.claude in it: the claude-auth volume is never mounted; /tmp and
+        # /var/tmp on its disk as well.
+        assert mounts == {
+            "/home/coder": f"sbx-{sid}-home",
+            "/tmp": f"sbx-{sid}-tmp",
+            "/var/tmp": f"sbx-{sid}-var-tmp",
+        }
+        # Each a folder of the sandbox's own disk (engine/host/disks.py).
+        home = docker_client.volumes.get(f"sbx-{sid}-home").attrs["Options"]
+        assert home["device"] == f"{manager.disks.path(sid)}/home", home
         assert CLAUDE_AUTH_VOLUME not in {m["Name"] for m in attrs["Mounts"]}
         assert "Claude Code" in _exec(docker_client, ws, "claude --version")
     finally:
@@ -141,8 +149,9 @@ def test_plain_cli_sees_sandboxes_and_template_changes(
         assert "+-docker:index/container:Container: (replace)" in diff, diff
         assert "~ memory" in diff and "4096 => 2048" in diff, diff
         assert '"1024" => "512"' in diff, diff
-        # Exactly that: the postgres container, network and volumes stay as they are.
-        assert "+-1 to replace" in diff and "5 unchanged" in diff, diff
+        # Exactly that: the postgres container, network and volumes (home, postgres data,
+        # /tmp, /var/tmp) stay as they are.
+        assert "+-1 to replace" in diff and "7 unchanged" in diff, diff
     finally:
         manager.destroy(sid)
     assert leftovers(docker_client, f"sbx-{sid}") == []

@@ -13,6 +13,7 @@ from engine.model.spec import (
     SpecSettings,
     bridge_name,
     build_spec,
+    disk_folders,
 )
 from engine.model.templates import load
 from tests.conftest import ROOT
@@ -203,3 +204,28 @@ def test_bridge_names_fit_a_linux_interface_and_carry_the_firewall_prefix(networ
     name = bridge_name(network)
     assert len(name) <= 15 and name.startswith("sbx") and name == bridge_name(network)
     assert bridge_name(network + "x") != name
+
+
+def test_with_a_disk_everything_the_sandbox_writes_is_a_folder_of_it() -> None:
+    template = load(FIXTURES / "full.yaml")
+    assert template.services, "the full fixture has services"
+    plain = build_spec(template, SandboxRequest("abc123"), SpecSettings())
+    spec = build_spec(template, SandboxRequest("abc123"), SpecSettings(disk="/d/e1/abc123"))
+    # Without a disk: Docker's own volumes, the layout of stacks made before disks.
+    assert plain.disk == "" and plain.volume_folder("sbx-abc123-home") == ""
+    assert not any(c.read_only or c.tmpfs for c in plain.containers)
+    # With one: every volume a folder of it, the workspace's /tmp and /var/tmp too.
+    assert set(spec.volumes) == {*plain.volumes, "sbx-abc123-tmp", "sbx-abc123-var-tmp"}
+    assert spec.volume_folder("sbx-abc123-home") == "/d/e1/abc123/home"
+    folders = {name for name, _ in disk_folders(template)}
+    assert {v.removeprefix("sbx-abc123-") for v in spec.volumes} == folders
+    workspace = next(c for c in spec.containers if c.key == "workspace")
+    assert {m.target for m in workspace.mounts} == {"/home/coder", "/tmp", "/var/tmp"}
+    assert not workspace.read_only  # docker cp puts Claude Code's settings in /etc
+    assert workspace.tmpfs == {"/run/lock": "size=1m"}  # the image's other sticky folder
+    # Services: a read-only root; their scratch folders in bounded memory.
+    for service in (c for c in spec.containers if c.key != "workspace"):
+        assert service.read_only
+        assert service.tmpfs and all("size=" in o for o in service.tmpfs.values())
+        assert "/tmp" in service.tmpfs
+    assert dict(disk_folders(template))["tmp"] == "1777"

@@ -337,6 +337,26 @@ def check_runsc() -> Check:
     return Check("gvisor (runsc)", True, f"runs (its kernel reports {kernel}; {args})")
 
 
+def check_disks(settings: Settings) -> Check:
+    """A sandbox's disk can be made, mounted and removed here (engine/host/disks.py)."""
+    from engine.host.disks import DiskError, Disks, Folder
+
+    name = "sandbox disks"
+    if not settings.disks:
+        return Check(
+            name, False, "off (SANDBOX_DISKS=false): a sandbox can fill the host's disk",
+            "unset SANDBOX_DISKS; docs/operations.md, Disks",
+        )  # fmt: skip
+    disks = Disks(settings.disk_path, settings.disk_helper_image)
+    try:
+        where = disks.check()
+        disks.make("_doctor", "doctorcheck", 64 * 2**20, [Folder("tmp", "1777")])
+        disks.drop("_doctor", "doctorcheck")
+    except DiskError as exc:
+        return Check(name, False, str(exc)[:300], "docs/operations.md, Disks")
+    return Check(name, True, f"{where}; default limit {settings.disk_limit // 2**20} MiB")
+
+
 def check_docker_provider(settings: Settings) -> Check:
     from engine.host.toolenv import PROVIDER_MODULE, ensure_docker_plugin
 
@@ -365,6 +385,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_pulumi(settings),
         lambda: check_state_backend(settings),
         lambda: check_language_host(settings),
+        lambda: check_disks(settings),
         lambda: check_traefik(settings),
         lambda: check_edge(settings),
         check_firewall,

@@ -39,6 +39,7 @@ MAX_INIT = 20  # init commands of a task
 MAX_ARCHIVE_PATHS = 10
 MAX_CLAUDE_SETTINGS = 16 * 1024  # bytes of the template's managed settings, as JSON
 MAX_BUDGET = 10**10
+MIN_DISK, MAX_DISK = 64 * 2**20, 2**44
 TASKS_FOLDER = "tasks"  # beside the templates: templates/tasks/<folder>
 
 SECTION = ConfigDict(extra="forbid")
@@ -167,7 +168,7 @@ old_flag = must(
 
 @dataclass(frozen=True, config=SECTION)
 class Resources:
-    """What the workspace container may use (docs/security.md)."""
+    """What the workspace container may use, and the sandbox's disk (docs/security.md)."""
 
     cpu_limit: Annotated[float, Checks(parsed(parse_cpus))] = Field(
         default=1.0, description='CPU cores: "2", "0.5", "500m"', json_schema_extra={"shown": "1"}
@@ -181,6 +182,19 @@ class Resources:
     )
     pids_limit: Annotated[int, Checks(processes)] = Field(
         default=DEFAULT_PIDS_LIMIT, description="processes in the workspace, 16-65536"
+    )
+    disk_limit: Annotated[
+        int | None,
+        Checks(
+            lambda v: v if v is None else parsed(parse_memory)(v),
+            must(lambda v: v is None or v >= MIN_DISK, "must be at least 64Mi"),
+            must(lambda v: v is None or v <= MAX_DISK, "must be at most 16Ti"),
+        ),
+    ] = Field(
+        default=None,
+        description="what the sandbox can write, its services' data too (10Gi, 500Mi): a disk"
+        " of its own; default SANDBOX_DISK_LIMIT",
+        json_schema_extra={"shown": "SANDBOX_DISK_LIMIT (10Gi)"},
     )
 
 

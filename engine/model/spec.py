@@ -48,6 +48,9 @@ SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_mb": 512,
         "pids": 256,
         "data": "/var/lib/postgresql/data",
+        # With a disk (below), the root file system is read-only: what the service writes
+        # besides its data goes to memory of a bounded size, counted in its memory limit.
+        "scratch": ("/tmp", "/var/run/postgresql"),  # noqa: S108 (in the container)
     },
     "redis": {
         "image": "service-redis:latest",
@@ -56,9 +59,14 @@ SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_mb": 256,
         "pids": 128,
         "data": "/data",
+        "scratch": ("/tmp",),  # noqa: S108
     },
 }
 SERVICE_DB = "sandbox"  # database name and user of the postgres service
+SCRATCH_TMPFS = "size=64m,mode=1777"  # a service's scratch folder (memory, bounded)
+# The workspace's folders everyone may write to, besides its home: on the sandbox's disk too,
+# so nothing the candidate writes lands in the container's layer on the host's disk.
+WORKSPACE_SCRATCH = {"tmp": "/tmp", "var-tmp": "/var/tmp"}  # noqa: S108
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,9 @@ class SpecSettings:
     edge_network: str = "sandbox-edge"  # network Traefik reaches published workspaces on
     public_port: int = 0  # port in published URLs; 0: the scheme's default
     runtime: str = "runc"  # the runtime of templates that set none (SANDBOX_RUNTIME)
+    # The sandbox's disk on the host (engine/host/disks.py): its volumes are folders of it.
+    # Empty: Docker's own volumes, unbounded (a stack made before disks, or SANDBOX_DISKS off).
+    disk: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,8 @@ class ContainerSpec:
     # The runtime dockerd runs it with; empty: dockerd's default (runc), as before runtimes
     # could be chosen, so that existing stacks show no change.
     runtime: str = ""
+    read_only: bool = False  # the root file system (a service's, when the sandbox has a disk)
+    tmpfs: dict[str, str] = field(default_factory=dict)  # path → mount options
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,13 @@ class SandboxSpec:
     containers: tuple[ContainerSpec, ...]
     endpoints: tuple[Endpoint, ...]
     labels: dict[str, str]
+    # The disk's mount point on the host; every volume is its folder named after the volume
+    # without the stack's prefix (``disk/home``). Empty: no disk.
+    disk: str = ""
+
+    def volume_folder(self, volume: str) -> str:
+        """The host folder a volume binds (empty without a disk)."""
+        return f"{self.disk}/{volume.removeprefix(self.stack + '-')}" if self.disk else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +167,16 @@ def runtime_of(template: Template, settings: SpecSettings) -> str:
     return "" if runtime == "runc" else runtime
 
 
+def disk_folders(template: Template) -> list[tuple[str, str]]:
+    """The folders of a sandbox's disk, one per volume, with their modes: the scratch folders
+    are everyone's (sticky, as /tmp is); the others take their owner from the image."""
+    return [
+        ("home", "0755"),
+        *((f"{s}-data", "0700") for s in template.services),
+        *((name, "1777") for name in WORKSPACE_SCRATCH),
+    ]
+
+
 def build_spec(template: Template, request: SandboxRequest, settings: SpecSettings) -> SandboxSpec:
     """The whole sandbox, decided. Raises ValueError for an id or domain that could reach a
     Traefik rule or a Docker name unchecked."""
@@ -166,6 +196,22 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         common[L_ENGINE] = settings.engine
     services = [_service(name, prefix, common) for name in template.services]
     workspace, endpoints = _workspace(template, prefix, common, settings)
+    volumes = (f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services))
+    if settings.disk:  # everything the sandbox can write on its disk, nothing on the host's
+        scratch = tuple(Mount(f"{prefix}-{n}", target) for n, target in WORKSPACE_SCRATCH.items())
+        volumes += tuple(m.volume for m in scratch)
+        # /run/lock is everyone's in Debian's images too: a small tmpfs (memory, bounded).
+        workspace = replace(
+            workspace, mounts=(*workspace.mounts, *scratch), tmpfs={"/run/lock": "size=1m"}
+        )
+        services = [
+            replace(
+                s,
+                read_only=True,
+                tmpfs={p: SCRATCH_TMPFS for p in SERVICE_DEFAULTS[s.key]["scratch"]},
+            )
+            for s in services
+        ]
     runtime = runtime_of(template, settings)
     if runtime:  # every container of the sandbox, services too
         services = [replace(s, runtime=runtime) for s in services]
@@ -177,10 +223,11 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         owner=request.owner,
         network=f"{prefix}-net",
         bridge=bridge_name(f"{prefix}-net"),
-        volumes=(f"{prefix}-home", *(f"{prefix}-{s}-data" for s in template.services)),
+        volumes=volumes,
         containers=(workspace, *services),
         endpoints=endpoints,
         labels=common,
+        disk=settings.disk,
     )
 
 

@@ -78,6 +78,10 @@ class Template(TemplateFile):
     def pids_limit(self) -> int:
         return self.resources.pids_limit
 
+    @property
+    def disk_limit(self) -> int | None:  # bytes; None: SANDBOX_DISK_LIMIT
+        return self.resources.disk_limit
+
 
 class _Lines:
     """The line (1-based) of every field path in a YAML document, from its node tree."""

@@ -206,6 +206,19 @@ class Recovery:
 
     # --- orphans -------------------------------------------------------------------------------
 
+    async def _disks(self) -> list[str]:
+        """The sandboxes this engine holds a disk for (none when disks are off)."""
+        return await asyncio.to_thread(self.stacks.disks.listed)
+
+    async def remount_disks(self) -> None:
+        """After a reboot of the host: every disk of this engine mounted again before its
+        containers are repaired (Docker cannot start them without their volumes' folders)."""
+        if self.stacks.instance:
+            try:
+                await asyncio.to_thread(self.stacks.disks.remount)
+            except Exception as exc:
+                log.warning("could not mount the sandboxes' disks again: %s", exc)
+
     async def sweep_orphans(self) -> list[str]:
         """Destroy what this engine made but no live sandbox owns: ``sbx-*`` stacks with no
         row (and not in the stack reserve), and Docker objects labelled with this engine and a
@@ -215,18 +228,29 @@ class Recovery:
         jobs = self.jobs
         if not self.stacks.instance:
             return []
+        disks = await self._disks()
         names = [s.name for s in await asyncio.to_thread(self.stacks.list)]
         stack_ids = {n.removeprefix("sbx-") for n in names if not n.startswith("sbx-preview")}
         objects: dict[str, list[str]] = await asyncio.to_thread(
             self.backend.engine_objects, self.stacks.instance
         )
+        for sid in disks:  # a disk is the last of a sandbox to go: nothing else of it left
+            if sid not in objects and sid not in stack_ids:
+                objects[sid] = ["disk"]
         ids = sorted(stack_ids | set(objects))
         if not ids:
             return []
         states: dict[str, str] = await jobs.db(store.states_of, ids)
         reserved = {sid for sid, _, _ in await jobs.db(store.reserve_entries)}
         orphans = [
-            i for i in ids if states.get(i) in (None, "destroyed", "expired") and i not in reserved
+            i
+            for i in ids
+            if i not in reserved
+            and (
+                states.get(i) in (None, "destroyed", "expired")
+                # a failed create's disk, when its clean-up could not drop it
+                or (states.get(i) == "failed" and objects.get(i) == ["disk"])
+            )
         ]
         for sid in orphans:
             what = ([f"stack sbx-{sid}"] if sid in stack_ids else []) + objects.get(sid, [])

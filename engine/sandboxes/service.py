@@ -81,6 +81,7 @@ class SandboxService:
         """Take this process's worker lease and learn the engine's instance id."""
         await asyncio.to_thread(self.lease.acquire)
         self.stacks.instance = await self.db(store.engine_instance)
+        await self.recovery.remount_disks()  # after a reboot, before any repair
 
     @property
     def worker(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -17,9 +18,12 @@ from engine.settings import Settings
 
 
 class StackConfig:
-    def __init__(self, settings: Settings, runs: PulumiRuns) -> None:
+    def __init__(
+        self, settings: Settings, runs: PulumiRuns, disk_of: Callable[[str], str] = lambda _: ""
+    ) -> None:
         self.settings = settings
         self.runs = runs
+        self.disk_of = disk_of  # a sandbox's disk mount point ("" without disks)
         settings.stack_config_path.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
@@ -50,6 +54,9 @@ class StackConfig:
             "sandbox:publicPort": auto.ConfigValue(str(settings.public_port)),
             "sandbox:runtime": auto.ConfigValue(settings.runtime),
         }
+        disk = self.disk_of(sandbox_id)
+        if disk:
+            config["sandbox:disk"] = auto.ConfigValue(disk)
         if instance:
             config["sandbox:engine"] = auto.ConfigValue(instance)
         if "postgres" in template.services:

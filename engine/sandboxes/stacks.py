@@ -23,6 +23,7 @@ from pulumi import automation as auto
 
 from engine.backend import Backend, BackendError, backend_for
 from engine.errors import ConflictError, Interrupted, NotFoundError, StackError
+from engine.host.disks import SandboxDisks
 from engine.host.toolenv import pulumi_command, workspace_options
 from engine.model.spec import stack_name
 from engine.model.templates import Template
@@ -70,7 +71,10 @@ class StackManager:
         self.runs = PulumiRuns(
             settings, self._command, backend_url=backend_url, provider=self._provider
         )
-        self.config = StackConfig(settings, self.runs)
+        # Every sandbox's own disk (SANDBOX_DISKS): made before its stack, dropped after it;
+        # the stack's config says where it is (a preview's too: where it would be).
+        self.disks = SandboxDisks(settings, lambda: self.instance)
+        self.config = StackConfig(settings, self.runs, disk_of=self.disks.path)
 
     def _cli(self, args: list[str], **kwargs: Any) -> None:
         self.runs.run(args, **kwargs)
@@ -173,6 +177,7 @@ class StackManager:
             raise
         finally:
             self.config.path(name).unlink(missing_ok=True)
+        self.disks.drop(name.removeprefix("sbx-"))  # only once nothing uses it
 
     def create(
         self,
@@ -198,6 +203,7 @@ class StackManager:
                 self._init_stack(name)
             events: list[auto.EngineEvent] = []
             try:
+                self.disks.make(template, sandbox_id, progress)
                 self.config.write(
                     name,
                     self.config.values(
@@ -229,14 +235,13 @@ class StackManager:
 
     def preview_template(self, template: Template, templates_dir: Path) -> Preview:
         """What a new sandbox of this template would create; nothing is created."""
-        name = stack_name(f"preview{secrets.token_hex(3)}")
+        sid = f"preview{secrets.token_hex(3)}"
+        name = stack_name(sid)
         with self._operation(name):
             stack = self._stack(name, create=True)
             try:
                 stack.set_all_config(
-                    self.config.values(
-                        template, name.removeprefix("sbx-"), "preview", templates_dir, self.instance
-                    )
+                    self.config.values(template, sid, "preview", templates_dir, self.instance)
                 )
                 return preview_of(stack)
             finally:
@@ -264,6 +269,7 @@ class StackManager:
             except auto.CommandError as exc:
                 raise StackError(f"pulumi destroy: {_summarize(exc)}") from exc
             self.config.path(name).unlink(missing_ok=True)
+            self.disks.drop(sandbox_id)
 
     def recover(self, sandbox_id: str) -> None:
         """Tear down a sandbox whose engine died mid-operation.
@@ -299,6 +305,7 @@ class StackManager:
                 stack.workspace.remove_stack(name, force=True)
                 self.config.path(name).unlink(missing_ok=True)
         self.backend.remove(sandbox_id)
+        self.disks.drop(sandbox_id)
 
     def repair(self, sandbox_id: str, *, progress: Progress | None = None) -> dict[str, Any]:
         """Bring a sandbox changed behind the engine's back (a container removed or stopped by
