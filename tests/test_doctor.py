@@ -58,6 +58,7 @@ def test_make_doctor_prints_a_table_and_exits_0() -> None:
         "traefik",
         "base image",
         "gvisor (runsc)",
+        "sandbox disks",
         "python package",
     ):
         assert any(r.startswith("OK") and component in r for r in rows), (component, out.stdout)

@@ -340,6 +340,7 @@ def check_runsc() -> Check:
 def check_disks(settings: Settings) -> Check:
     """A sandbox's disk can be made, mounted and removed here (engine/host/disks.py)."""
     from engine.host.disks import DiskError, Disks, Folder
+    from engine.units import format_memory
 
     name = "sandbox disks"
     if not settings.disks:
@@ -354,7 +355,7 @@ def check_disks(settings: Settings) -> Check:
         disks.drop("_doctor", "doctorcheck")
     except DiskError as exc:
         return Check(name, False, str(exc)[:300], "docs/operations.md, Disks")
-    return Check(name, True, f"{where}; default limit {settings.disk_limit // 2**20} MiB")
+    return Check(name, True, f"{where}; default limit {format_memory(settings.disk_limit)}")
 
 
 def check_docker_provider(settings: Settings) -> Check:
