@@ -42,9 +42,8 @@ def test_a_disk_is_made_bounded_mounted_again_and_dropped(tmp_path: Path, helper
     try:
         assert point == tmp_path / "disks" / "e1" / "abc123" and _mounted(point)
         assert oct((point / "tmp").stat().st_mode & 0o7777) == "0o1777"
-        options = next(
-            line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == str(point)
-        )
+        with open("/proc/self/mounts") as mounts:
+            options = next(line.split()[3] for line in mounts if line.split()[1] == str(point))
         assert {"nosuid", "nodev"} <= set(options.split(",")), options
         # The bound is the file system's: a write past it fails, the host gives at most it.
         written, error = _fill(point / "tmp")
