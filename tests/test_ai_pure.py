@@ -11,7 +11,8 @@ import pytest
 
 from engine.ai import budget, transcript
 from engine.ai.stream import Assembler, from_message
-from engine.ai.workspace import first_screen, gateway_env, managed_settings
+from engine.ai.workspace import first_screen, gateway_env, home_of, managed_settings
+from engine.backend import Ran
 from engine.backend.docker import place
 from engine.errors import TemplateError
 from engine.model.templates import load
@@ -226,3 +227,23 @@ def test_a_workspace_s_place() -> None:
         "sandbox-edge": {"IPAddress": "10.212.0.5", "Gateway": "10.212.0.1"}}}}  # fmt: skip
     found = place(attrs, "sbx-a-net")
     assert found.addresses == ("10.1.0.2", "10.212.0.5") and found.host == "10.1.0.1"
+
+
+class _Answers:
+    """The backend seam's ``run``, answering from a list (an exec that said nothing first)."""
+
+    def __init__(self, *outputs: bytes) -> None:
+        self.outputs = list(outputs)
+        self.calls = 0
+
+    def run(self, container: str, argv: list[str], **kwargs: object) -> Ran:
+        self.calls += 1
+        return Ran(0, self.outputs.pop(0) if self.outputs else b"")
+
+
+def test_the_home_is_asked_again_when_an_exec_answers_nothing() -> None:
+    backend = _Answers(b"", b"/home/coder 1000 1000")
+    assert home_of(backend, "c", "coder") == ("/home/coder", 1000, 1000)  # type: ignore[arg-type]
+    assert backend.calls == 2
+    with pytest.raises(RuntimeError, match="could not read the home of coder"):
+        home_of(_Answers(), "c", "coder")  # type: ignore[arg-type]

@@ -196,11 +196,17 @@ def configure(
 
 
 def home_of(backend: Backend, container: str, user: str) -> tuple[str, int, int]:
-    """The workspace user's home, uid and gid (asked inside the container)."""
-    ran = backend.run(
-        container, ["sh", "-c", 'printf "%s %s %s" "$HOME" "$(id -u)" "$(id -g)"'], user=user
-    )
-    if ran.exit_code != 0:
-        raise RuntimeError(f"could not read the home of {user}: {ran.output[-200:]!r}")
-    path, uid, gid = ran.text.split()
-    return path, int(uid), int(gid)
+    """The workspace user's home, uid and gid (asked inside the container). Asked again when
+    an exec answers nothing (seen once in 50 creates at once on a loaded host: exit 0, no
+    output)."""
+    for attempt in range(3):
+        ran = backend.run(
+            container, ["sh", "-c", 'printf "%s %s %s" "$HOME" "$(id -u)" "$(id -g)"'], user=user
+        )
+        if ran.exit_code != 0:
+            raise RuntimeError(f"could not read the home of {user}: {ran.output[-200:]!r}")
+        said = ran.text.split()
+        if len(said) == 3 and said[1].isdigit() and said[2].isdigit():
+            return said[0], int(said[1]), int(said[2])
+        time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"could not read the home of {user}: the container said {ran.text!r}")
