@@ -110,6 +110,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Engine:
     """`sandbox-engine serve` as a process of its own, in its own session, with its state
     (keys file, PULUMI_HOME, passphrase, recordings…) in a folder beside its log, never in
@@ -117,9 +123,7 @@ class Engine:
     host (or its cgroup) would."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = _free_port()
         self.env = {"SANDBOX_STATE_DIR": str(log.parent / f"{log.stem}-state"), **env}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -129,6 +133,19 @@ class Engine:
         return Path(self.env["SANDBOX_STATE_DIR"])
 
     def start(self) -> None:
+        """Start it and wait for /healthz. A free port can be taken by another test's process
+        between choosing it and binding it: then another port, up to three times."""
+        for _ in range(3):
+            begun = self.log.stat().st_size if self.log.exists() else 0
+            try:
+                return self._start()
+            except AssertionError:
+                if "address already in use" not in self.log.read_text()[begun:]:
+                    raise
+                self.port = _free_port()
+        raise AssertionError(f"no free port for the engine:\n{self.log.read_text()[-2000:]}")
+
+    def _start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port)],
@@ -144,6 +161,8 @@ class Engine:
                 if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
+                if self.proc.poll() is not None:  # it ended (a port taken, say)
+                    break
                 time.sleep(0.2)
         raise AssertionError(f"the engine did not start:\n{self.log.read_text()[-2000:]}")
 
