@@ -71,6 +71,21 @@ def unmount_under(folder: Path | str) -> list[str]:
     return points
 
 
+def remove_labelled(sandbox_id: str) -> list[str]:
+    """A test's clean-up of a sandbox behind the engine's back: every Docker object labelled
+    with it (engine.backend.docker.remove_labelled), then its disk, wherever under the run's
+    folder of disks an engine made it."""
+    from engine.backend.docker import remove_labelled as remove_objects
+    from engine.host.disks import Disks
+
+    removed = remove_objects(sandbox_id)
+    root = Path(os.environ["SANDBOX_DISK_DIR"])
+    for image in root.rglob(f"{sandbox_id}.img"):
+        Disks(image.parent.parent).drop(image.parent.name, sandbox_id)
+        removed.append(f"disk {image}")
+    return removed
+
+
 def _left_disks(folder: str) -> list[str]:
     """Sandbox disks (their files or mounts) left in the run's disk folder."""
     images = [f"disk {p.relative_to(folder)}" for p in Path(folder).rglob("*.img")]

@@ -15,11 +15,11 @@ import psycopg
 import pytest
 import websockets
 
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import Terminal, close_code, serve
+from tests.conftest import remove_labelled
 
 PROBLEM = "application/problem+json"
 

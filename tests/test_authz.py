@@ -18,12 +18,12 @@ from starlette.routing import Route
 from api.app import create_app
 from api.failures import AuthFailures
 from engine import tokens
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
 from engine.terminal.recordings import recording_path
 from tests.api_server import Terminal, close_code, running_sandbox, serve
+from tests.conftest import remove_labelled
 
 PROBLEM = "application/problem+json"
 PRINCIPALS = ("anon", "alice", "bob", "admin", "revoked", "token", "other_token")

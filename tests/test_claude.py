@@ -23,11 +23,10 @@ import psycopg
 import pytest
 
 from engine.ai.workspace import CONFIG_KEYS, MANAGED_SETTINGS
-from engine.backend.docker import remove_labelled
 from engine.model.spec import CLAUDE_AUTH_VOLUME, L_MANAGED, L_ROLE, L_SANDBOX, MANAGED_BY
 from tests.ai_upstream import Upstream, serving
 from tests.api_server import Engine, engine_http, prepare, wait_for_state
-from tests.conftest import ROOT, TEST_LABEL
+from tests.conftest import ROOT, TEST_LABEL, remove_labelled
 from tests.gateway_lock import gateway_port
 
 TEMPLATES = ROOT / "tests" / "fixtures" / "claude-templates"

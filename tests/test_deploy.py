@@ -19,10 +19,9 @@ import docker
 import httpx
 import pytest
 
-from engine.backend.docker import remove_labelled
 from engine.host import firewall
 from tests.ai_upstream import serving
-from tests.conftest import ROOT, unmount_under
+from tests.conftest import ROOT, remove_labelled, unmount_under
 from tests.gateway_lock import gateway_port
 
 COMPOSE = ROOT / "deploy" / "docker-compose.prod.yml"

@@ -17,7 +17,6 @@ import pytest
 import websockets
 
 from engine import store
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.model.spec import L_ENGINE, L_MANAGED, L_SANDBOX, MANAGED_BY
 from engine.model.templates import find
@@ -25,7 +24,7 @@ from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import Terminal, nothing_left, serve
-from tests.conftest import ROOT, TEST_LABEL
+from tests.conftest import ROOT, TEST_LABEL, remove_labelled
 from tests.test_reaper import NOW, row
 
 # A workspace-only template with port 8000 published (a sandbox in seconds).

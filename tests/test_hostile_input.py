@@ -17,13 +17,13 @@ import pytest
 import websockets
 
 from api.terminal import MAX_FRAME
-from engine.backend.docker import remove_labelled
 from engine.errors import NotFoundError, TemplateError
 from engine.migrate import migrate
 from engine.model.templates import MAX_FILE_BYTES, find, load, load_all
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import Terminal, running_sandbox, serve
+from tests.conftest import remove_labelled
 
 GOOD = "name: task\nbase_image: workspace-base:latest\nttl: 1h\n"
 # Nine levels of ten: a billion "lol"s once expanded.

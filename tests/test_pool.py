@@ -17,13 +17,12 @@ import httpx
 import psycopg
 import pytest
 
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import serve
-from tests.conftest import ROOT
+from tests.conftest import ROOT, remove_labelled
 
 WEB = ROOT / "tests" / "fixtures" / "live-templates" / "web.yaml"
 

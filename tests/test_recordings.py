@@ -23,14 +23,13 @@ import pytest
 import websockets
 
 from engine import tokens
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
 from engine.terminal import recordings
 from engine.terminal.recordings import Activity, Recorder, RecordingRow, find_submits
 from tests.api_server import Terminal, running_sandbox, serve
-from tests.conftest import ROOT
+from tests.conftest import ROOT, remove_labelled
 
 FIXTURE = ROOT / "tests" / "fixtures" / "recording-templates" / "recorded.yaml"
 SUBMIT = b"\x1b]1337;SandboxSubmit\x07"

@@ -15,7 +15,6 @@ import docker
 import psycopg
 import pytest
 
-from engine.backend.docker import remove_labelled
 from engine.settings import Settings
 from tests.api_server import (
     Engine,
@@ -25,7 +24,7 @@ from tests.api_server import (
     wait_for_event,
     wait_for_state,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, remove_labelled
 
 
 @pytest.fixture

@@ -15,12 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.api_server import serve
-from tests.conftest import ROOT
+from tests.conftest import ROOT, remove_labelled
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags for a closed network: no background calls home, no QUIC, a throwaway profile.

@@ -19,13 +19,12 @@ import pytest
 import websockets
 from pydantic import SecretStr
 
-from engine.backend.docker import remove_labelled
 from engine.migrate import migrate
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.ai_upstream import serving
 from tests.api_server import Terminal, running_sandbox, serve
-from tests.conftest import ROOT
+from tests.conftest import ROOT, remove_labelled
 from tests.gateway_lock import gateway_port
 from tests.test_ui import LIVE, SHOTS, browser  # noqa: F401  (the browser fixture)
 
