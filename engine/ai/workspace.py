@@ -26,8 +26,10 @@ import tarfile
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from engine.backend import Backend
+from engine.model.spec import proxy_env
 from engine.model.templates import Template
 
 log = logging.getLogger("sandbox_engine.ai")
@@ -79,6 +81,12 @@ def gateway_env(template: Template, *, base_url: str, token: str) -> dict[str, s
             "CLAUDE_CODE_SUBAGENT_MODEL",
         ):
             env[name] = model
+    if template.egress != "open":
+        # The workspace's proxy variables send what leaves the sandbox to the egress proxy;
+        # the gateway is not outside: Claude Code reaches it directly, from its own address.
+        host = urlsplit(base_url).hostname or ""
+        local = proxy_env(template, 0)["NO_PROXY"]
+        env["NO_PROXY"] = env["no_proxy"] = f"{local},{host}"
     return env
 
 
@@ -162,16 +170,21 @@ def configure(
     credentials: bytes | None = None,
 ) -> None:
     """Write the managed settings (root's), and with ``home`` (path, uid, gid) the first
-    screen's ``~/.claude.json`` (and ``credentials`` for operator-login) as the user's."""
-    files: dict[str, tuple[bytes, int, int, int]] = {
-        MANAGED_SETTINGS.removeprefix("/etc/"): (
-            json.dumps(managed_settings(template, env), indent=2).encode(),
-            0o644,
-            0,
-            0,
-        )
-    }
-    backend.put_files(container, "/etc", _tar(files))  # root's: files are put as root
+    screen's ``~/.claude.json`` (and ``credentials`` for operator-login) as the user's.
+
+    Settings already there (a claim's, a repair's rewrite) are replaced in one rename: Docker
+    unpacks a file by removing the old one first, and a ``claude`` starting in that moment
+    would find none."""
+    content = json.dumps(managed_settings(template, env), indent=2).encode()
+    target = MANAGED_SETTINGS.removeprefix("/etc/")
+    if home is not None:  # the first write: nothing to replace
+        backend.put_files(container, "/etc", _tar({target: (content, 0o644, 0, 0)}))
+    else:
+        staged = f"{target}.new"
+        backend.put_files(container, "/etc", _tar({staged: (content, 0o644, 0, 0)}))
+        moved = backend.run(container, ["mv", "-f", f"/etc/{staged}", MANAGED_SETTINGS], user="0")
+        if moved.exit_code != 0:
+            raise RuntimeError(f"could not replace {MANAGED_SETTINGS}: {moved.output[-200:]!r}")
     if home is not None:
         path, uid, gid = home
         workdir = template.workspace.workdir
