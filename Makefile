@@ -53,7 +53,11 @@ edge: venv toolchain services ## start the local Traefik (API at api.<domain>, s
 	@$(BIN)/sandbox-engine edge start
 
 run: setup images edge web ## set up, then run the service (behind the local Traefik) in the foreground
-	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} $(BIN)/sandbox-engine serve
+	@# The workspaces trust this host's CA bundle (where its TLS is intercepted, package
+	@# managers behind the egress proxy then still verify what they fetch).
+	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} \
+		SANDBOX_CA_BUNDLE=$${SANDBOX_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt} \
+		$(BIN)/sandbox-engine serve
 
 # Four workers on two cores: the tests mostly wait on dockerd and Pulumi (6 min; three: 7.5).
 # Five or six are faster (8.3 and 7.3 min against 10 for the suite of this day) but load the

@@ -22,6 +22,7 @@ from api.failures import AuthFailures
 from api.routes import access, ai, archives, keys, ops, recordings, sandboxes, templates
 from engine import tokens
 from engine.ai import gateway as ai_gateway
+from engine.egress import proxy as egress_proxy
 from engine.migrate import migrate
 from engine.sandboxes.reaper import Reaper
 from engine.sandboxes.service import SandboxService
@@ -80,11 +81,13 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     sys.setswitchinterval(SWITCH_INTERVAL)
     async with contextlib.AsyncExitStack() as exits:
         pool, reads = await _pools(settings, exits)
-        app.state.gateway = None
+        app.state.gateway = app.state.egress = None
         if settings.gateway_serve:
             # The AI gateway on its own listener, in this event loop (engine/ai/gateway.py);
             # it stops after the service, whose jobs in flight may still use it.
             app.state.gateway = await exits.enter_async_context(ai_gateway.running(settings))
+            # Beside it, the egress proxy restricted sandboxes go out through (engine/egress).
+            app.state.egress = await exits.enter_async_context(egress_proxy.running(settings))
         stacks = await asyncio.to_thread(StackManager, settings)
         app.state.settings = settings
         app.state.service = service = SandboxService(settings, pool, stacks, reads)

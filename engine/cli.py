@@ -311,6 +311,28 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_app(*registries: Any) -> Any:
+    """An ASGI app answering /metrics with the registries' metrics (Prometheus text)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        found = scope["path"] == "/metrics"
+        body = b"".join(generate_latest(r) for r in registries) if found else b""
+        kind = CONTENT_TYPE_LATEST.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if found else 404,
+                "headers": [(b"content-type", kind)],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 def _cmd_gateway(settings: Settings, _: argparse.Namespace) -> int:
     """The AI gateway as a process of its own (the compose file runs it on the host's network
     beside the API), with its /metrics on 127.0.0.1 only."""
@@ -318,9 +340,9 @@ def _cmd_gateway(settings: Settings, _: argparse.Namespace) -> int:
     import signal
 
     import uvicorn
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from engine.ai import gateway as ai_gateway
+    from engine.egress import proxy as egress_proxy
     from engine.migrate import migrate
 
     migrate(settings.database_url.get_secret_value())  # the API may not have started yet
@@ -330,26 +352,15 @@ def _cmd_gateway(settings: Settings, _: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with ai_gateway.running(settings) as gateway:
+        async with (
+            ai_gateway.running(settings) as gateway,
+            egress_proxy.running(settings) as egress,
+        ):
             print(f"AI gateway on {settings.gateway_host}:{gateway.port}", flush=True)
+            print(f"egress proxy on {settings.gateway_host}:{egress.port}", flush=True)
             metrics = None
             if settings.gateway_metrics_port:
-
-                async def app(scope: Any, receive: Any, send: Any) -> None:
-                    if scope["type"] != "http":
-                        return
-                    found = scope["path"] == "/metrics"
-                    body = generate_latest(gateway.metrics.registry) if found else b""
-                    kind = CONTENT_TYPE_LATEST.encode()
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 200 if found else 404,
-                            "headers": [(b"content-type", kind)],
-                        }
-                    )
-                    await send({"type": "http.response.body", "body": body})
-
+                app = _metrics_app(gateway.metrics.registry, egress.registry)
                 metrics = ai_gateway.QuietServer(
                     uvicorn.Config(
                         app,

@@ -140,6 +140,25 @@ class Settings(BaseSettings):
     # empty: the engine's own process runs them.
     disk_helper_image: str = ""
 
+    # Egress rules (docs/security.md, Egress): sandboxes of templates with `network.egress`
+    # none or allow reach outside only through the engine's egress proxy, which runs wherever
+    # the AI gateway runs (`serve`, or `sandbox-engine gateway`) on this port of the host (the
+    # host firewall admits sandboxes to it); the workspace finds it as egress-proxy:<port>.
+    egress_port: int = Field(default=8792, ge=1, le=65535)
+    # Host names a preset stands for, in place of what the image's package managers are
+    # configured with (JSON: {"python-packages": ["pypi.internal.example"]}).
+    egress_presets: dict[str, list[str]] = Field(default_factory=dict)
+    # Entries every `egress: allow` sandbox may reach besides its template's (JSON list: host
+    # names, *.domains, IP networks, presets).
+    egress_allow: list[str] = Field(default_factory=list)
+    # Refused connections recorded as events of a sandbox, at most this many a minute (the
+    # rest are counted in the metrics only).
+    egress_events_per_minute: int = Field(default=20, ge=0, le=10_000)
+    # A CA bundle (a PEM file on the Docker host) every workspace trusts in place of its
+    # image's, for networks whose TLS is intercepted by a proxy of their own: bound read-only
+    # over the image's bundle, with the variables Node and uv read. Empty: the image's own.
+    ca_bundle: str = ""
+
     # The AI gateway (docs/claude.md): Claude Code in sandboxes reaches the model through it,
     # with a token good for its sandbox alone. Its port (0: any free port, for tests; the host
     # firewall admits sandboxes to this port and nothing else of the host).
@@ -201,6 +220,31 @@ class Settings(BaseSettings):
         if not network.is_private or network.prefixlen > 28:
             raise ValueError(f"edge_subnet {value} must be a private range of /28 or larger")
         return str(network)
+
+    @field_validator("egress_allow")
+    @classmethod
+    def _egress_allow(cls, value: list[str]) -> list[str]:
+        from engine.model.egress import entry_problem
+
+        for i, entry in enumerate(value):
+            found = entry_problem(entry)
+            if found:
+                raise ValueError(f"egress_allow[{i}]: {found}")
+        return [e.strip().lower() for e in value]
+
+    @field_validator("egress_presets")
+    @classmethod
+    def _egress_presets(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        from engine.model.egress import PRESETS, entry_problem
+
+        for name, hosts in value.items():
+            if name not in PRESETS:
+                raise ValueError(f"egress_presets: unknown preset {name!r} (known: {PRESETS})")
+            for host in hosts:
+                found = entry_problem(host)
+                if found or host.strip().lower() in PRESETS:
+                    raise ValueError(f"egress_presets.{name}: {found or 'a preset in a preset'}")
+        return {k: [h.strip().lower() for h in v] for k, v in value.items()}
 
     @field_validator("domain")
     @classmethod

@@ -36,6 +36,8 @@ def program() -> None:
             public_port=cfg.get_int("publicPort") or 0,
             runtime=cfg.get("runtime") or "runc",
             disk=cfg.get("disk") or "",
+            egress_port=cfg.get_int("egressPort") or 8792,
+            ca_bundle=cfg.get("caBundle") or "",
         ),
     )
     password = cfg.require_secret("servicePassword") if "postgres" in template.services else None

@@ -115,6 +115,14 @@ def _container(
             )
             for m in c.mounts
         ],
+        # Files of the host the container only reads (the operator's CA bundle).
+        mounts=[
+            docker.ContainerMountArgs(type="bind", source=b.source, target=b.target, read_only=True)
+            for b in c.binds
+        ]
+        or None,
+        hosts=[docker.ContainerHostArgs(host=h, ip=ip) for h, ip in sorted(c.extra_hosts.items())]
+        or None,
         # Unprivileged: the images run as their own users; no capability is needed.
         capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"]),
         security_opts=["no-new-privileges"],

@@ -47,4 +47,7 @@ async def metrics(request: Request) -> Response:
     gateway = request.app.state.gateway
     if gateway is not None:  # served by this process: its tokens, requests, refusals, latency
         body += generate_latest(gateway.metrics.registry)
+    egress = getattr(request.app.state, "egress", None)
+    if egress is not None:  # the egress proxy's connections, allowed and refused
+        body += generate_latest(egress.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -10,7 +10,11 @@ log() { printf '[dockerd] %s\n' "$*" >&2; }
 # platform (KVM is not there in every VM, and hangs in this one); the container's own network
 # namespace used as it is (--network=host: this runsc cannot take over the namespaces Docker
 # 28 makes); the root file system shared with dockerd, not a private overlay, so that copying
-# files in and out (tasks, Claude Code's settings, archives) sees what the sandbox sees.
+# files in and out (tasks, Claude Code's settings, archives) sees what the sandbox sees. Not
+# --oci-seccomp: this runsc (Debian 12's) then applies Docker's profile to the container's
+# first process so that PostgreSQL and Redis cannot start their threads or children and a
+# tmux pane cannot take its terminal (docs/security.md); the terminal installs a filter of its
+# own instead (images/workspace-base/confine.c).
 runsc_args=${SANDBOX_RUNSC_ARGS:---platform=ptrace --network=host --overlay2=none --file-access=shared}
 register_runsc() {
 	command -v runsc >/dev/null || return 0

@@ -3,9 +3,9 @@
 Events are the record (``sandbox_events``); the timeline keeps the ones a person reviewing a
 candidate cares about, each as (when, what, detail): created, task seeded, running, terminal
 connected/disconnected, idle periods, the candidate's AI exchanges (their prompts, the tools the
-model asked for, its answers: engine/ai), warned, extended, submitted, archived, destroying,
-destroyed or expired. Resource-level progress lines are left out, and of a task's lines only
-the first (what was copied).
+model asked for, its answers: engine/ai), connections its egress rules refused (engine/egress),
+warned, extended, submitted, archived, destroying, destroyed or expired. Resource-level
+progress lines are left out, and of a task's lines only the first (what was copied).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def entry(event: Event, seen_task: bool) -> Entry | None:
         "archive": "archived",
         "repair": "repaired",
         "ai": "ai",
+        "egress": "egress",  # a connection the egress rules refused (engine/egress/proxy.py)
     }
     if kind in named:
         return Entry(event.at, named[kind], text)

@@ -17,7 +17,12 @@ so two chains matched by interface cover every sandbox whatever Docker's address
 - ``SANDBOX-GATEWAY`` (from INPUT, ``-p tcp --dport <gateway port>``): the gateway's port
   answers sandboxes and the host itself (loopback) only, never another machine.
 - ``SANDBOX-FORWARD`` (from DOCKER-USER, the chain Docker leaves to operators and evaluates
-  first): sandboxes cannot reach link-local addresses (169.254.0.0/16).
+  first): sandboxes cannot reach link-local addresses (169.254.0.0/16); and a sandbox with
+  egress rules (its bridge ``sbxr`` + 11 hex digits, ``engine.model.spec.RESTRICTED_PREFIX``)
+  reaches nothing outside its own network at all — whatever address, port or protocol — so
+  its only way out is the egress proxy's port on the host (engine/egress/proxy.py), which
+  ``SANDBOX-INPUT`` admits beside the gateway's and ``SANDBOX-GATEWAY`` keeps from other
+  machines the same way.
 
 The rules hold across dockerd restarts (Docker does not touch INPUT or DOCKER-USER's rules)
 but not across reboots: ``sandbox-engine firewall apply`` belongs in the host's boot (see
@@ -31,12 +36,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from engine.model.spec import BRIDGE_PREFIX
+from engine.model.spec import BRIDGE_PREFIX, RESTRICTED_PREFIX
 
 INPUT_CHAIN = "SANDBOX-INPUT"
 FORWARD_CHAIN = "SANDBOX-FORWARD"
 GATEWAY_CHAIN = "SANDBOX-GATEWAY"
 IFACE = BRIDGE_PREFIX + "+"
+RESTRICTED = RESTRICTED_PREFIX + "+"
 
 
 @dataclass(frozen=True)
@@ -66,34 +72,51 @@ def gateway_port(given: int | None = None) -> int:
     return Settings().gateway_port
 
 
+def egress_port() -> int:
+    """The egress proxy's port the rules admit (the settings')."""
+    from engine.settings import Settings
+
+    return Settings().egress_port
+
+
+def admitted(port: int | None = None) -> list[int]:
+    """The host's ports sandboxes may open connections to: the AI gateway's and the egress
+    proxy's."""
+    return [p for p in dict.fromkeys((gateway_port(port), egress_port())) if p]
+
+
 def chain_rules(family: Family, port: int | None = None) -> dict[str, list[list[str]]]:
     """Each chain's rules, in order, as iptables arguments after ``-A <chain>``."""
-    port = gateway_port(port)
+    ports = admitted(port)
     reject = ["-j", "REJECT", "--reject-with", family.reject]
-    to_gateway = ["-p", "tcp", "-m", "tcp", "--dport", str(port)]
     rules = {
         INPUT_CHAIN: [
             ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
-            *([[*to_gateway, "-j", "ACCEPT"]] if port else []),
+            *([["-p", "tcp", "-m", "tcp", "--dport", str(p), "-j", "ACCEPT"] for p in ports]),
             reject,
-        ]
-    }
-    if port:
-        rules[GATEWAY_CHAIN] = [
+        ],
+        GATEWAY_CHAIN: [
             ["-i", IFACE, "-j", "RETURN"],
             ["-i", "lo", "-j", "RETURN"],
             reject,
-        ]
-    if family.link_local:
-        rules[FORWARD_CHAIN] = [["-d", family.link_local, *reject]]
+        ],
+    }
+    outside = ["-i", RESTRICTED, "!", "-o", RESTRICTED]
+    rules[FORWARD_CHAIN] = [
+        *([["-d", family.link_local, *reject]] if family.link_local else []),
+        # A restricted sandbox's network forwards nothing out; TCP is reset, so that a
+        # connection past the proxy fails at once rather than after a timeout.
+        [*outside, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+        [*outside, *reject],
+    ]
     return rules
 
 
-def jump(chain: str, port: int | None = None) -> tuple[str, list[str]]:
-    """Where a chain is entered from: (parent chain, the match that sends packets to it)."""
+def jumps(chain: str, port: int | None = None) -> tuple[str, list[list[str]]]:
+    """Where a chain is entered from: (parent chain, the matches that send packets to it)."""
     if chain == GATEWAY_CHAIN:
-        return "INPUT", ["-p", "tcp", "-m", "tcp", "--dport", str(gateway_port(port))]
-    return {INPUT_CHAIN: "INPUT", FORWARD_CHAIN: "DOCKER-USER"}[chain], ["-i", IFACE]
+        return "INPUT", [["-p", "tcp", "-m", "tcp", "--dport", str(p)] for p in admitted(port)]
+    return {INPUT_CHAIN: "INPUT", FORWARD_CHAIN: "DOCKER-USER"}[chain], [["-i", IFACE]]
 
 
 def _run(family: Family, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -119,10 +142,12 @@ def apply(port: int | None = None) -> list[str]:
     to the gateway's chain for another port (the setting changed) is removed."""
     done: list[str] = []
     port = gateway_port(port)
+    ports = admitted(port)
     for family in families():
         for stale in _gateway_jumps(family):
-            if stale != port:
-                _run(family, "-D", "INPUT", *jump(GATEWAY_CHAIN, stale)[1], "-j", GATEWAY_CHAIN)
+            if stale not in ports:
+                match = ["-p", "tcp", "-m", "tcp", "--dport", str(stale)]
+                _run(family, "-D", "INPUT", *match, "-j", GATEWAY_CHAIN)
                 done.append(
                     f"{family.command}: INPUT no longer sends port {stale} to {GATEWAY_CHAIN}"
                 )
@@ -135,12 +160,13 @@ def apply(port: int | None = None) -> list[str]:
                 for rule in rules:
                     _run(family, "-A", chain, *rule)
                 done.append(f"{family.command}: chain {chain}")
-            parent, match = jump(chain, port)
+            parent, matches = jumps(chain, port)
             _run(family, "-N", parent, check=False)  # DOCKER-USER before dockerd made it
-            sends = [*match, "-j", chain]
-            if _run(family, "-C", parent, *sends, check=False).returncode != 0:
-                _run(family, "-I", parent, "1", *sends)
-                done.append(f"{family.command}: {parent} {' '.join(sends)}")
+            for match in matches:
+                sends = [*match, "-j", chain]
+                if _run(family, "-C", parent, *sends, check=False).returncode != 0:
+                    _run(family, "-I", parent, "1", *sends)
+                    done.append(f"{family.command}: {parent} {' '.join(sends)}")
     return done
 
 
@@ -166,11 +192,12 @@ def problems(port: int | None = None) -> list[str]:
                 continue
             if not _chain_is(family, chain, rules):
                 found.append(f"{family.command}: chain {chain} has other rules")
-            parent, match = jump(chain, port)
-            if _run(family, "-C", parent, *match, "-j", chain, check=False).returncode != 0:
-                found.append(
-                    f"{family.command}: {parent} does not send {' '.join(match)} to {chain}"
-                )
+            parent, matches = jumps(chain, port)
+            for match in matches:
+                if _run(family, "-C", parent, *match, "-j", chain, check=False).returncode != 0:
+                    found.append(
+                        f"{family.command}: {parent} does not send {' '.join(match)} to {chain}"
+                    )
     return found
 
 
@@ -192,8 +219,9 @@ def normalise(rule: str) -> str:
 def remove(port: int | None = None) -> None:
     for family in families():
         for chain in chain_rules(family, port):
-            parent, match = jump(chain, port)
-            while _run(family, "-C", parent, *match, "-j", chain, check=False).returncode == 0:
-                _run(family, "-D", parent, *match, "-j", chain)
+            parent, matches = jumps(chain, port)
+            for match in matches:
+                while _run(family, "-C", parent, *match, "-j", chain, check=False).returncode == 0:
+                    _run(family, "-D", parent, *match, "-j", chain)
             _run(family, "-F", chain, check=False)
             _run(family, "-X", chain, check=False)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
+from engine.model.egress import MAX_ENTRIES, MODES, entry_problem
 from engine.units import format_duration, parse_cpus, parse_duration, parse_memory
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
@@ -368,6 +369,48 @@ class Claude:
     ] = Field(default_factory=dict, description="root-owned managed settings of Claude Code")
 
 
+def _allow_entry(value: Any) -> Any:
+    found = entry_problem(value)
+    if found:
+        raise problem(found)
+    return str(value).strip().lower()
+
+
+@dataclass(frozen=True, config=SECTION)
+class Network:
+    """What the sandbox may reach outside its own network (docs/security.md, Egress).
+    ``open``: anything; ``none``: nothing but its own services and the engine's AI gateway;
+    ``allow``: only what ``allow`` lists, through the engine's egress proxy."""
+
+    egress: Annotated[
+        str,
+        Checks(null_is("open"), must(lambda v: v in MODES, f"must be one of {', '.join(MODES)}")),
+    ] = Field(default="open", description=" \\| ".join(MODES))
+    allow: Annotated[
+        tuple[Annotated[str, Checks(_allow_entry)], ...],
+        Checks(
+            null_is(()),
+            listed(f"must be a list of at most {MAX_ENTRIES} entries", most=MAX_ENTRIES),
+        ),
+    ] = Field(
+        default=(),
+        validate_default=True,
+        description="with egress allow: presets (python-packages, node-packages, go-modules),"
+        " host names, *.domains, IP networks",
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _only_with_allow(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        egress = info.data.get("egress")
+        if value and egress != "allow":
+            raise problem(f"lists entries, but egress is {egress!r} (set egress: allow)")
+        if egress == "allow" and not value:
+            raise problem("egress allow needs at least one entry here")
+        once(value, str, lambda i: f"network.allow[{i}]", lambda e: f"{e!r} is listed twice")
+        return value
+
+
 def _env_value(value: Any) -> Any:
     if not isinstance(value, str | int | float | bool):
         raise problem("must be a string")
@@ -442,6 +485,9 @@ class TemplateFile(BaseModel):
         ],
         Checks(null_is({}), env_mapping),
     ] = Field(default_factory=dict, description="extra environment of the workspace")
+    network: Annotated[Network, Checks(section(Network))] = Field(
+        default=Network(), description="what the sandbox may reach outside (docs/security.md)"
+    )
     workspace: Annotated[Workspace, Checks(section(Workspace))] = Field(
         default=Workspace(), description="the terminal's user, directory and shell"
     )

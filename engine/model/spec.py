@@ -24,6 +24,15 @@ CLAUDE_AUTH_VOLUME = "claude-auth"
 # interface named BRIDGE_PREFIX + 12 hex digits, so the host firewall (engine/host/firewall.py) can
 # tell traffic from sandboxes by its interface alone, whatever address pool Docker uses.
 BRIDGE_PREFIX = "sbx"
+# A sandbox with egress rules (template network.egress none or allow) gets a bridge named
+# RESTRICTED_PREFIX + 11 hex digits ("r" is no hex digit: no other bridge's name starts so):
+# the host firewall drops whatever it would forward from it to anywhere but its own network.
+RESTRICTED_PREFIX = "sbxr"
+# The name the workspace of such a sandbox reaches the engine's egress proxy at: the host's
+# address Docker knows as host-gateway.
+EGRESS_PROXY_HOST = "egress-proxy"
+# Where a workspace's CA bundle is (SANDBOX_CA_BUNDLE, when set, is bound over it).
+CA_BUNDLE_PATH = "/etc/ssl/certs/ca-certificates.crt"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 MANAGED_BY = "sandbox-engine"
 
@@ -87,6 +96,16 @@ class SpecSettings:
     # The sandbox's disk on the host (engine/host/disks.py): its volumes are folders of it.
     # Empty: Docker's own volumes, unbounded (a stack made before disks, or SANDBOX_DISKS off).
     disk: str = ""
+    egress_port: int = 8792  # the engine's egress proxy on the host (SANDBOX_EGRESS_PORT)
+    ca_bundle: str = ""  # a CA bundle on the Docker host the workspace trusts (SANDBOX_CA_BUNDLE)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A file or folder of the Docker host, bound into a container (read-only)."""
+
+    source: str
+    target: str
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,8 @@ class ContainerSpec:
     runtime: str = ""
     read_only: bool = False  # the root file system (a service's, when the sandbox has a disk)
     tmpfs: dict[str, str] = field(default_factory=dict)  # path → mount options
+    binds: tuple[Bind, ...] = ()
+    extra_hosts: dict[str, str] = field(default_factory=dict)  # name → address
 
 
 @dataclass(frozen=True)
@@ -151,9 +172,21 @@ class SandboxSpec:
         return asdict(self)
 
 
-def bridge_name(network: str) -> str:
+def bridge_name(network: str, *, restricted: bool = False) -> str:
     """A Linux interface name (15 characters at most) for a network the engine makes."""
-    return BRIDGE_PREFIX + hashlib.sha256(network.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(network.encode()).hexdigest()
+    return RESTRICTED_PREFIX + digest[:11] if restricted else BRIDGE_PREFIX + digest[:12]
+
+
+def proxy_env(template: Template, port: int) -> dict[str, str]:
+    """A restricted workspace's proxy variables, in both spellings tools read: everything
+    outside the sandbox goes through the engine's egress proxy, its own services do not."""
+    proxy = f"http://{EGRESS_PROXY_HOST}:{port}"
+    local = ",".join(("localhost", "127.0.0.1", "::1", "workspace", *template.services))
+    env: dict[str, str] = {}
+    for name, value in (("HTTP_PROXY", proxy), ("HTTPS_PROXY", proxy), ("NO_PROXY", local)):
+        env[name] = env[name.lower()] = value
+    return env
 
 
 def stack_name(sandbox_id: str) -> str:
@@ -212,6 +245,8 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
             )
             for s in services
         ]
+    restricted = template.egress != "open"
+    workspace = _with_egress(workspace, template, settings, prefix)
     runtime = runtime_of(template, settings)
     if runtime:  # every container of the sandbox, services too
         services = [replace(s, runtime=runtime) for s in services]
@@ -222,13 +257,41 @@ def build_spec(template: Template, request: SandboxRequest, settings: SpecSettin
         template=template.name,
         owner=request.owner,
         network=f"{prefix}-net",
-        bridge=bridge_name(f"{prefix}-net"),
+        bridge=bridge_name(f"{prefix}-net", restricted=restricted),
         volumes=volumes,
         containers=(workspace, *services),
         endpoints=endpoints,
         labels=common,
         disk=settings.disk,
     )
+
+
+def _with_egress(
+    workspace: ContainerSpec, template: Template, settings: SpecSettings, prefix: str
+) -> ContainerSpec:
+    """The workspace of a restricted sandbox (out only through the egress proxy, not on the
+    shared edge network), and the operator's CA bundle where one is set."""
+    if template.egress != "open":
+        published = "traefik.docker.network" in workspace.labels
+        workspace = replace(
+            workspace,
+            env={**workspace.env, **proxy_env(template, settings.egress_port)},
+            extra_hosts={EGRESS_PROXY_HOST: "host-gateway"},
+            extra_networks=(),
+            # Traefik (on the host's network) reaches it on its own network.
+            labels={
+                **workspace.labels,
+                **({"traefik.docker.network": f"{prefix}-net"} if published else {}),
+            },
+        )
+    if settings.ca_bundle:
+        workspace = replace(
+            workspace,
+            env={**workspace.env, "SSL_CERT_FILE": CA_BUNDLE_PATH,
+                 "NODE_EXTRA_CA_CERTS": CA_BUNDLE_PATH},
+            binds=(Bind(settings.ca_bundle, CA_BUNDLE_PATH),),
+        )  # fmt: skip
+    return workspace
 
 
 def _labels(common: dict[str, str], role: str, pids: int) -> dict[str, str]:

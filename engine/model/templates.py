@@ -26,6 +26,7 @@ from engine.model.schema import (
     Archive,
     Claude,
     Expose,
+    Network,
     Recording,
     Resources,
     Submit,
@@ -42,6 +43,7 @@ __all__ = [
     "Archive",
     "Claude",
     "Expose",
+    "Network",
     "Recording",
     "Resources",
     "Submit",
@@ -77,6 +79,10 @@ class Template(TemplateFile):
     @property
     def pids_limit(self) -> int:
         return self.resources.pids_limit
+
+    @property
+    def egress(self) -> str:  # open | none | allow
+        return self.network.egress
 
     @property
     def disk_limit(self) -> int | None:  # bytes; None: SANDBOX_DISK_LIMIT

@@ -23,6 +23,7 @@ import psycopg
 from engine import store
 from engine.ai.setup import ClaudeSetup
 from engine.backend import Backend
+from engine.egress.setup import EgressSetup
 from engine.errors import EngineError, NotFoundError, describe
 from engine.hiring import tasks
 from engine.model.templates import Template
@@ -75,12 +76,14 @@ class Creates:
         stacks: StackManager,
         backend: Backend,
         claude: ClaudeSetup,
+        egress: EgressSetup,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
         self.stacks = stacks
         self.backend = backend
         self.claude = claude
+        self.egress = egress
         self._creates: dict[int, deque[float]] = defaultdict(deque)
         # Cold creates of this process running or queued for a stack thread (the bound on
         # them is max_pending_creates; pool refills are not counted, they wait their turn).
@@ -273,6 +276,8 @@ class Creates:
         # Seeded and set up before the sandbox is offered (a pool sandbox is claimed ready).
         seeding = self.jobs.progress(row.id, "task")
         try:
+            # Its egress rules first: the task's commands may install packages.
+            await self.egress.apply(row, template, outputs)
             if template.task is not None:
                 await asyncio.to_thread(
                     tasks.seed,

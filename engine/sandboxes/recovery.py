@@ -15,6 +15,7 @@ import psycopg
 from engine import store, workers
 from engine.ai.setup import ClaudeSetup
 from engine.backend import Backend
+from engine.egress.setup import EgressSetup
 from engine.errors import Interrupted, describe
 from engine.hiring import archives
 from engine.sandboxes.jobs import Jobs
@@ -42,7 +43,9 @@ class Recovery:
         lifecycle: Lifecycle,
         pool: Pool,
         claude: ClaudeSetup,
+        egress: EgressSetup,
     ) -> None:
+        self.egress = egress
         self.jobs = jobs
         self.stacks = stacks
         self.backend = backend
@@ -199,9 +202,10 @@ class Recovery:
         if row is not None:
             try:  # a recreated workspace has new addresses and lost its managed settings
                 template = jobs.template(row.template)
+                await self.egress.apply(row, template, outputs)
                 await self.claude.set_up(row, template, outputs, first=False)
             except Exception as exc:
-                log.warning("sandbox %s: Claude Code not set up again: %s", sandbox_id, exc)
+                log.warning("sandbox %s: not set up again: %s", sandbox_id, exc)
         await jobs.finish(sandbox_id, SandboxState.RUNNING, outputs=outputs)
 
     # --- orphans -------------------------------------------------------------------------------

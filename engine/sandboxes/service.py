@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from engine import first_admin, store, workers
 from engine.ai.setup import ClaudeSetup
 from engine.backend import Backend
+from engine.egress.setup import EgressSetup
 from engine.errors import NotFoundError
 from engine.hiring import archives
 from engine.model.templates import Template
@@ -70,11 +71,12 @@ class SandboxService:
         self.jobs = Jobs(settings, pool, stacks, self.lease)
         self.archiver = archives.Archiver(settings, self.jobs.db, self.backend)
         self.claude = ClaudeSetup(settings, self.jobs, self.backend)
-        self.creates = Creates(settings, self.jobs, stacks, self.backend, self.claude)
+        self.egress = EgressSetup(settings, self.jobs, self.backend)
+        self.creates = Creates(settings, self.jobs, stacks, self.backend, self.claude, self.egress)
         self.lifecycle = Lifecycle(settings, self.jobs, stacks, self.backend, self.archiver)
         self.warm = Pool(settings, self.jobs, stacks, self.creates, self.lifecycle)
         self.recovery = Recovery(
-            self.jobs, stacks, self.backend, self.lifecycle, self.warm, self.claude
+            self.jobs, stacks, self.backend, self.lifecycle, self.warm, self.claude, self.egress
         )
 
     async def start(self) -> None:

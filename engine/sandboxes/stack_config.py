@@ -57,6 +57,10 @@ class StackConfig:
         disk = self.disk_of(sandbox_id)
         if disk:
             config["sandbox:disk"] = auto.ConfigValue(disk)
+        if template.egress != "open":  # where its workspace finds the egress proxy
+            config["sandbox:egressPort"] = auto.ConfigValue(str(settings.egress_port))
+        if settings.ca_bundle:
+            config["sandbox:caBundle"] = auto.ConfigValue(settings.ca_bundle)
         if instance:
             config["sandbox:engine"] = auto.ConfigValue(instance)
         if "postgres" in template.services:

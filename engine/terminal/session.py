@@ -51,18 +51,21 @@ _HANDSHAKE = 'read -r -t 60 _ && echo "$$" && read -r -t 60 _ && '
 # Attach to (or start) the session; the newest client's size wins, so a resize applies at once.
 # Passthrough lets the workspace's `submit` command reach the engine through tmux (the sequence
 # arrives unwrapped on the output stream).
+# The session's server (and so every shell of it) starts under the image's seccomp filter,
+# sandbox-confine (images/workspace-base/confine.c), where the image has it.
+TMUX_COMMAND = "$(command -v sandbox-confine) tmux"
 TMUX = [
     "bash",
     "-c",
-    _HANDSHAKE + "exec tmux new-session -A -s main \\; set-option -g window-size latest"
-    " \\; set-option -g allow-passthrough on",
+    _HANDSHAKE + f"exec {TMUX_COMMAND} new-session -A -s main \\; set-option -g window-size"
+    " latest \\; set-option -g allow-passthrough on",
 ]
 # A watcher: the same session (started if there is none yet), attached read-only and with
 # ignore-size, so its size never sets the window's.
 WATCH = [
     "bash",
     "-c",
-    _HANDSHAKE + "{ tmux new-session -d -s main 2>/dev/null;"
+    _HANDSHAKE + f"{{ {TMUX_COMMAND} new-session -d -s main 2>/dev/null;"
     " exec tmux attach-session -t main -f read-only,ignore-size"
     " \\; set-option -g window-size latest \\; set-option -g allow-passthrough on; }",
 ]

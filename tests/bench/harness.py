@@ -33,6 +33,7 @@ import httpx
 import psycopg
 
 from engine.backend.docker import remove_labelled
+from engine.host.disks import Disks
 from engine.migrate import migrate
 from engine.model.spec import L_ENGINE
 from engine.settings import Settings
@@ -163,8 +164,9 @@ def engine_process(**settings_env: str) -> Iterator[Engine]:
 
 def _clean_up(url: str, backend: Path, settings: Settings) -> None:
     """Every Docker object of the engine's sandboxes (by sandbox, and by the engine-instance
-    label, which also catches an object whose sandbox label does not match its row), and the
-    config file (in the project's .state/stacks) of every stack in its Pulumi backend."""
+    label, which also catches an object whose sandbox label does not match its row), their
+    disks (engine/host/disks.py), and the config file (in the project's .state/stacks) of
+    every stack in its Pulumi backend."""
     with psycopg.connect(url) as conn:
         ids = [r[0] for r in conn.execute("SELECT id FROM sandboxes").fetchall()]
         instance = engine_instance(conn)
@@ -181,6 +183,12 @@ def _clean_up(url: str, backend: Path, settings: Settings) -> None:
             volume.remove(force=True)
     finally:
         client.close()
+    if settings.disks:  # a sandbox whose destroy did not finish leaves its disk mounted
+        disks = Disks(settings.disk_path, settings.disk_helper_image)
+        for sid in disks.listed(instance):
+            disks.drop(instance, sid)
+        with contextlib.suppress(OSError):
+            (settings.disk_path / instance).rmdir()
     stacks = {f"sbx-{sid}" for sid in ids}
     stacks |= {p.name.split(".")[0] for p in (backend / ".pulumi" / "stacks").rglob("*.json*")}
     for name in stacks:

@@ -11,7 +11,15 @@ as markdown tables, to stdout — docs/benchmarks.md holds a copy with the machi
 5. GET list and GET one at a fixed 200 requests a second with 100 live sandboxes
    (tests/bench/load.py);
 6. the AI gateway: a streamed Messages API request through it against the same request sent
-   to the upstream directly, and 50 streams at once (tests/bench/gateway.py).
+   to the upstream directly, and 50 streams at once (tests/bench/gateway.py);
+7. gVisor against runc: cold create, terminal echo, a CPU-bound and a system-call-heavy
+   workload in a sandbox of each runtime (tests/bench/runtimes.py);
+8. a sandbox's own disk against a Docker volume on write-heavy work (tests/bench/disks.py);
+9. HTTPS through the egress proxy against open egress (tests/bench/egress.py).
+
+Arguments select parts (all of them without): ``creates`` (1, 2), ``engine`` (3, 4, 5),
+``gateway`` (6), ``runtimes`` (7), ``disks`` (8), ``egress`` (9), e.g.
+``python -m tests.bench.run runtimes``.
 """
 
 from __future__ import annotations
@@ -19,29 +27,45 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.bench import creates, gateway, load, terminal
+from tests.bench import creates, disks, egress, gateway, load, runtimes, terminal
 from tests.bench.harness import ROOT, engine_process
+
+PARTS = ("creates", "engine", "gateway", "runtimes", "disks", "egress")
 
 
 def main() -> None:
     quick = os.environ.get("QUICK") == "1"
+    parts = sys.argv[1:] or list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        sys.exit(f"unknown parts {unknown}: choose from {', '.join(PARTS)}")
     started = time.monotonic()
     results: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, {platform.platform()}",
         "quick": quick,
     }
-    results["cold"] = creates.cold(quick)
-    results["pooled"] = creates.pooled(quick)
-    with engine_process() as engine:
-        results["concurrency"], ids = creates.concurrent(engine)
-        results["terminal"] = terminal.run(engine, quick, sandbox=ids[0])
-        results["load"] = load.run(engine, quick, ids=ids)
-    results["gateway"] = gateway.run(quick)
+    if "creates" in parts:
+        results["cold"] = creates.cold(quick)
+        results["pooled"] = creates.pooled(quick)
+    if "engine" in parts:
+        with engine_process() as engine:
+            results["concurrency"], ids = creates.concurrent(engine)
+            results["terminal"] = terminal.run(engine, quick, sandbox=ids[0])
+            results["load"] = load.run(engine, quick, ids=ids)
+    if "gateway" in parts:
+        results["gateway"] = gateway.run(quick)
+    if "runtimes" in parts:
+        results["runtimes"] = runtimes.run(quick)
+    if "disks" in parts:
+        results["disks"] = disks.run(quick)
+    if "egress" in parts:
+        results["egress"] = egress.run(quick)
     results["seconds"] = time.monotonic() - started
     out = ROOT / ".bench" / f"{results['at'].replace(':', '')}.json"
     out.parent.mkdir(exist_ok=True)
@@ -55,9 +79,25 @@ def _s(value: float) -> str:
 
 
 def report(r: dict[str, Any]) -> str:
-    """The results as the markdown tables of docs/benchmarks.md."""
+    """The results as the markdown tables of docs/benchmarks.md (the parts that ran)."""
+    lines = [f"{r['machine']}, {r['at']}{', QUICK=1' if r['quick'] else ''}"]
+    if "cold" in r:
+        lines += _creates(r)
+    if "concurrency" in r:
+        lines += _engine(r)
+    if "gateway" in r:
+        lines += gateway.report(r["gateway"])
+    if "runtimes" in r:
+        lines += runtimes.report(r["runtimes"])
+    if "disks" in r:
+        lines += disks.report(r["disks"])
+    if "egress" in r:
+        lines += egress.report(r["egress"])
+    return "\n".join(lines)
+
+
+def _creates(r: dict[str, Any]) -> list[str]:
     lines = [
-        f"{r['machine']}, {r['at']}{', QUICK=1' if r['quick'] else ''}",
         "",
         "| benchmark | engine median | engine p95 | docker median | docker p95 | ratio |",
         "|---|---|---|---|---|---|",
@@ -75,6 +115,11 @@ def report(r: dict[str, Any]) -> str:
             f"{name}: p50 {_s(e['p50'])}, p95 {_s(e['p95'])}, p99 {_s(e['p99'])},"
             f" max {_s(e['max'])} ({e['n']} claims)",
         ]
+    return lines
+
+
+def _engine(r: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     c = r["concurrency"]
     lines += [
         "",
@@ -121,8 +166,7 @@ def report(r: dict[str, Any]) -> str:
         f"engine memory with {ld['sandboxes']} live sandboxes:"
         f" {ld['rss_mb_idle_with_sandboxes']:.0f} MB (engine and its shared provider)",
     ]
-    lines += gateway.report(r["gateway"])
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
