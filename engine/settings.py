@@ -145,6 +145,13 @@ class Settings(BaseSettings):
     # the AI gateway runs (`serve`, or `sandbox-engine gateway`) on this port of the host (the
     # host firewall admits sandboxes to it); the workspace finds it as egress-proxy:<port>.
     egress_port: int = Field(default=8792, ge=1, le=65535)
+    # Its port for what a restricted sandbox sends past it (the host firewall redirects such
+    # TCP here): recorded as refused, then closed.
+    egress_catch_port: int = Field(default=8793, ge=1, le=65535)
+    # The host's address restricted workspaces reach the proxy at (their `egress-proxy`);
+    # empty: Docker's default bridge's gateway, asked of dockerd (Docker 20.10's own
+    # `host-gateway` can come back empty after a restart of dockerd).
+    egress_proxy_address: str = ""
     # Host names a preset stands for, in place of what the image's package managers are
     # configured with (JSON: {"python-packages": ["pypi.internal.example"]}).
     egress_presets: dict[str, list[str]] = Field(default_factory=dict)

@@ -37,6 +37,7 @@ def program() -> None:
             runtime=cfg.get("runtime") or "runc",
             disk=cfg.get("disk") or "",
             egress_port=cfg.get_int("egressPort") or 8792,
+            egress_address=cfg.get("egressAddress") or "",
             ca_bundle=cfg.get("caBundle") or "",
         ),
     )

@@ -138,13 +138,17 @@ def test_requests_through_the_proxy_are_read_strictly() -> None:
 def test_a_restricted_sandbox_s_spec(tmp_path: object) -> None:
     template = load(ROOT / "templates" / "interview-python.yaml")
     assert template.egress == "allow" and template.network.allow == ("python-packages",)
-    settings = SpecSettings(egress_port=8792, ca_bundle="/etc/ssl/certs/ca-certificates.crt")
+    settings = SpecSettings(
+        egress_port=8792,
+        egress_address="10.213.0.1",
+        ca_bundle="/etc/ssl/certs/ca-certificates.crt",
+    )
     spec = build_spec(template, SandboxRequest("abc123"), settings)
     assert spec.bridge.startswith(RESTRICTED_PREFIX) and len(spec.bridge) == 15
     workspace = next(c for c in spec.containers if c.key == "workspace")
     assert workspace.env["HTTPS_PROXY"] == f"http://{EGRESS_PROXY_HOST}:8792"
     assert workspace.env["https_proxy"] == workspace.env["HTTPS_PROXY"]
-    assert workspace.extra_hosts == {EGRESS_PROXY_HOST: "host-gateway"}
+    assert workspace.extra_hosts == {EGRESS_PROXY_HOST: "10.213.0.1"}
     assert workspace.extra_networks == ()  # not on the shared edge network
     assert [b.target for b in workspace.binds] == [CA_BUNDLE_PATH]
     # An open template: no proxy, no prefix; the CA bundle only when the setting is set.
@@ -174,9 +178,24 @@ def test_the_firewall_forwards_nothing_out_of_a_restricted_network() -> None:
     assert any(r.startswith("-i sbxr+ ! -o sbxr+ -p tcp -j REJECT") for r in forward)
     assert any(r.startswith("-i sbxr+ ! -o sbxr+ -j REJECT") for r in forward)
     admitted = [r for r in rules[firewall.INPUT_CHAIN] if "ACCEPT" in r]
-    assert {r[r.index("--dport") + 1] for r in admitted} == {"8790", "8792"}
+    assert {r[r.index("--dport") + 1] for r in admitted} == {"8790", "8792", "8793"}
     parent, matches = firewall.jumps(firewall.GATEWAY_CHAIN, 8790)
-    assert parent == "INPUT" and len(matches) == 2  # both ports: sandboxes and lo only
+    assert parent == "INPUT" and len(matches) == 3  # every port: sandboxes and lo only
+    # TCP to a public address past the proxy goes to its catch port; private ones do not.
+    catch = [" ".join(r) for r in rules[firewall.CATCH_CHAIN]]
+    assert catch[0] == "-m addrtype --dst-type LOCAL -j RETURN"
+    assert {r.split()[1] for r in catch[1:-1]} == set(firewall.PRIVATE)
+    assert catch[-1] == "-p tcp -j REDIRECT --to-ports 8793"
+    assert firewall.jumps(firewall.CATCH_CHAIN) == ("PREROUTING", [["-i", "sbxr+"]])
+    assert firewall.CATCH_CHAIN not in firewall.chain_rules(firewall.FAMILIES[1], 8790)
+
+
+def test_what_a_caught_connection_names() -> None:
+    assert proxy._host_header(b"GET / HTTP/1.1\r\nHost: chat.example.com:8080\r\n\r\n") == (
+        "chat.example.com"
+    )
+    assert proxy._host_header(b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n") == "a.example"
+    assert proxy._host_header(b"\x16\x03\x01") is None
 
 
 PIP_DEFAULT = "default https://pypi.org/\nfiles files.pythonhosted.org\n"

@@ -83,6 +83,10 @@ class Backend(Protocol):
     def ping(self) -> None:
         """Raise BackendError unless the backend answers."""
 
+    def host_address(self) -> str:
+        """An address of the host every container can reach it at (Docker's default
+        bridge's gateway)."""
+
     # --- running things ------------------------------------------------------------------
 
     def run(

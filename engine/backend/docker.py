@@ -76,6 +76,14 @@ class DockerBackend:
         with self._api(timeout=10) as api:
             return sorted(api.info().get("Runtimes") or {})
 
+    def host_address(self) -> str:
+        with self._api(timeout=10) as api:
+            configs = (api.inspect_network("bridge").get("IPAM") or {}).get("Config") or []
+        found = next((c["Gateway"] for c in configs if c.get("Gateway")), "")
+        if not found:
+            raise BackendError("Docker's default bridge has no gateway address")
+        return str(found)
+
     # --- running things ------------------------------------------------------------------
 
     def run(

@@ -12,6 +12,11 @@ checked against that sandbox's rules (engine/model/egress.py):
 - ``GET http://host/…`` (plain HTTP through a proxy): the host checked, the request sent on
   in origin form, then the connection relayed.
 
+Connections that go past the proxy (its variables unset, a raw address, another port) are
+redirected by the host firewall to a second port, the catch port, when they are TCP to a public
+address: the proxy records each as refused, with its original destination and the name its
+first bytes give (SNI, Host), and closes it.
+
 The proxy resolves a name itself (what the sandbox resolved does not matter) and never
 connects to loopback, link-local, multicast or unspecified addresses. A refused connection gets
 ``403`` with the reason, and is counted and recorded as an ``egress`` event of the sandbox,
@@ -45,6 +50,8 @@ CONNECT_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0  # seconds after a tunnel is up for the ClientHello
 RULES_TTL = 2.0  # seconds a sandbox's rules are kept before they are read again
 CHUNK = 64 * 1024
+CATCH_PEEK = 2.0  # seconds a caught connection has to send its first bytes (a name)
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 
 class Refused(Exception):
@@ -75,6 +82,7 @@ class EgressProxy:
         )
         self.pool: AsyncConnectionPool | None = None
         self.server: asyncio.Server | None = None
+        self.catcher: asyncio.Server | None = None
         self.port = 0
         self._rules: dict[str, tuple[float, tuple[str, str, Rules] | None]] = {}
         self._budgets: dict[str, _Budget] = {}
@@ -93,8 +101,13 @@ class EgressProxy:
             self._serve, host=self.settings.gateway_host, port=self.settings.egress_port
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        self.catcher = await asyncio.start_server(
+            self._catch, host=self.settings.gateway_host, port=self.settings.egress_catch_port
+        )
 
     async def stop(self) -> None:
+        if self.catcher is not None:
+            self.catcher.close()
         if self.server is not None:
             self.server.close()
             for task in list(self._tasks):
@@ -150,6 +163,35 @@ class EgressProxy:
             await self._answer(writer, Refused("", 0, f"bad request: {exc}", 400))
         except OSError as exc:
             log.debug("egress connection from %s: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _catch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection the firewall redirected here because it went past the proxy: its
+        original destination (and the name its first bytes give, if any) recorded as
+        refused; then closed."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            peer = str(writer.get_extra_info("peername")[0])
+            host, port = original_destination(writer.get_extra_info("socket"))
+            who = await self._who(peer)
+            if who is None:
+                return
+            first = b""
+            with contextlib.suppress(TimeoutError, OSError):
+                first = await asyncio.wait_for(reader.read(CHUNK), CATCH_PEEK)
+            name = server_name(first) or _host_header(first)
+            self.connections.labels(who[1], "refused").inc()
+            to = f" (to {name})" if name and name != host else ""
+            reason = f"a direct connection{to}, not through the egress proxy"
+            await self._record(who[0], Refused(host, port, reason))
+        except OSError as exc:
+            log.debug("egress catch: %s", exc)
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
@@ -219,14 +261,14 @@ class EgressProxy:
             await writer.drain()
 
     async def _record(self, sandbox_id: str, refused: Refused) -> None:
-        """The refusal as an event of the sandbox, within its budget a minute; one per
-        host and port a minute."""
+        """The refusal as an event of the sandbox, within its budget a minute; the same
+        refusal (host, port and reason) once a minute."""
         minute = int(time.time() // 60)
         budget = self._budgets.setdefault(sandbox_id, _Budget())
         if budget.minute != minute:
             budget.minute, budget.used = minute, 0
             budget.seen = {k: v for k, v in budget.seen.items() if v == minute}
-        key = f"{refused.host}:{refused.port}"
+        key = f"{refused.host}:{refused.port}: {refused.reason}"
         if budget.seen.get(key) == minute or budget.used >= self.settings.egress_events_per_minute:
             return
         budget.used += 1
@@ -283,6 +325,23 @@ def _origin_form(method: str, target: str, lines: list[str]) -> tuple[str, int, 
     ]
     head = f"{method} /{path if slash else ''} HTTP/1.1\r\n" + "".join(f"{x}\r\n" for x in kept)
     return host, port, (head + "\r\n").encode("latin-1")
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a redirected connection was going (SO_ORIGINAL_DST, IPv4)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+
+
+def _host_header(head: bytes) -> str | None:
+    """The Host header of a plain HTTP request's first bytes; None when there is none."""
+    for line in head.split(b"\r\n")[1:]:
+        if line.lower().startswith(b"host:"):
+            value = line[5:].strip().decode("latin-1")
+            return value.rpartition(":")[0] if value.count(":") == 1 else value
+        if not line:
+            break
+    return None
 
 
 def _address(host: str) -> Address | None:

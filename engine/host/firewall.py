@@ -23,6 +23,10 @@ so two chains matched by interface cover every sandbox whatever Docker's address
   its only way out is the egress proxy's port on the host (engine/egress/proxy.py), which
   ``SANDBOX-INPUT`` admits beside the gateway's and ``SANDBOX-GATEWAY`` keeps from other
   machines the same way.
+- ``SANDBOX-EGRESS`` (nat, from PREROUTING, ``-i sbxr+``): such a sandbox's TCP to a public
+  address is redirected to the proxy's catch port (``SANDBOX_EGRESS_CATCH_PORT``), which
+  records it as a refused connection on the sandbox's timeline and closes it; its own and
+  other private networks are left to ``SANDBOX-FORWARD``'s reject.
 
 The rules hold across dockerd restarts (Docker does not touch INPUT or DOCKER-USER's rules)
 but not across reboots: ``sandbox-engine firewall apply`` belongs in the host's boot (see
@@ -41,6 +45,11 @@ from engine.model.spec import BRIDGE_PREFIX, RESTRICTED_PREFIX
 INPUT_CHAIN = "SANDBOX-INPUT"
 FORWARD_CHAIN = "SANDBOX-FORWARD"
 GATEWAY_CHAIN = "SANDBOX-GATEWAY"
+CATCH_CHAIN = "SANDBOX-EGRESS"  # in the nat table
+NAT_CHAINS = (CATCH_CHAIN, "PREROUTING")
+# Destinations a restricted sandbox's TCP is not sent to the proxy's catch port for: its own
+# network and every other private one (refused all the same, by SANDBOX-FORWARD).
+PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 IFACE = BRIDGE_PREFIX + "+"
 RESTRICTED = RESTRICTED_PREFIX + "+"
 
@@ -79,10 +88,17 @@ def egress_port() -> int:
     return Settings().egress_port
 
 
+def catch_port() -> int:
+    """The egress proxy's port for connections that went past it (the settings')."""
+    from engine.settings import Settings
+
+    return Settings().egress_catch_port
+
+
 def admitted(port: int | None = None) -> list[int]:
     """The host's ports sandboxes may open connections to: the AI gateway's and the egress
-    proxy's."""
-    return [p for p in dict.fromkeys((gateway_port(port), egress_port())) if p]
+    proxy's two."""
+    return [p for p in dict.fromkeys((gateway_port(port), egress_port(), catch_port())) if p]
 
 
 def chain_rules(family: Family, port: int | None = None) -> dict[str, list[list[str]]]:
@@ -109,6 +125,15 @@ def chain_rules(family: Family, port: int | None = None) -> dict[str, list[list[
         [*outside, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
         [*outside, *reject],
     ]
+    if family.command == "iptables":
+        # A restricted sandbox's TCP to a public address, past the proxy (its variables unset,
+        # a raw address, another port), goes to the proxy's catch port, which records it as
+        # a refusal and closes it.
+        rules[CATCH_CHAIN] = [
+            ["-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"],
+            *(["-d", net, "-j", "RETURN"] for net in PRIVATE),
+            ["-p", "tcp", "-j", "REDIRECT", "--to-ports", str(catch_port())],
+        ]
     return rules
 
 
@@ -116,12 +141,15 @@ def jumps(chain: str, port: int | None = None) -> tuple[str, list[list[str]]]:
     """Where a chain is entered from: (parent chain, the matches that send packets to it)."""
     if chain == GATEWAY_CHAIN:
         return "INPUT", [["-p", "tcp", "-m", "tcp", "--dport", str(p)] for p in admitted(port)]
+    if chain == CATCH_CHAIN:
+        return "PREROUTING", [["-i", RESTRICTED]]
     return {INPUT_CHAIN: "INPUT", FORWARD_CHAIN: "DOCKER-USER"}[chain], [["-i", IFACE]]
 
 
 def _run(family: Family, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    table = ["-t", "nat"] if len(args) > 1 and args[1] in NAT_CHAINS else []
     done = subprocess.run(
-        [family.command, "-w", "10", *args], capture_output=True, text=True, check=False
+        [family.command, "-w", "10", *table, *args], capture_output=True, text=True, check=False
     )
     if check and done.returncode != 0:
         raise FirewallError(

@@ -28,8 +28,8 @@ BRIDGE_PREFIX = "sbx"
 # RESTRICTED_PREFIX + 11 hex digits ("r" is no hex digit: no other bridge's name starts so):
 # the host firewall drops whatever it would forward from it to anywhere but its own network.
 RESTRICTED_PREFIX = "sbxr"
-# The name the workspace of such a sandbox reaches the engine's egress proxy at: the host's
-# address Docker knows as host-gateway.
+# The name the workspace of such a sandbox reaches the engine's egress proxy at: an address
+# of the host (Docker's default bridge's gateway, SANDBOX_EGRESS_PROXY_ADDRESS).
 EGRESS_PROXY_HOST = "egress-proxy"
 # Where a workspace's CA bundle is (SANDBOX_CA_BUNDLE, when set, is bound over it).
 CA_BUNDLE_PATH = "/etc/ssl/certs/ca-certificates.crt"
@@ -97,6 +97,9 @@ class SpecSettings:
     # Empty: Docker's own volumes, unbounded (a stack made before disks, or SANDBOX_DISKS off).
     disk: str = ""
     egress_port: int = 8792  # the engine's egress proxy on the host (SANDBOX_EGRESS_PORT)
+    # The host's address the workspace reaches it at (its `egress-proxy`); empty: Docker's
+    # host-gateway (a stack made before the engine named it).
+    egress_address: str = ""
     ca_bundle: str = ""  # a CA bundle on the Docker host the workspace trusts (SANDBOX_CA_BUNDLE)
 
 
@@ -276,7 +279,7 @@ def _with_egress(
         workspace = replace(
             workspace,
             env={**workspace.env, **proxy_env(template, settings.egress_port)},
-            extra_hosts={EGRESS_PROXY_HOST: "host-gateway"},
+            extra_hosts={EGRESS_PROXY_HOST: settings.egress_address or "host-gateway"},
             extra_networks=(),
             # Traefik (on the host's network) reaches it on its own network.
             labels={

@@ -19,12 +19,24 @@ from engine.settings import Settings
 
 class StackConfig:
     def __init__(
-        self, settings: Settings, runs: PulumiRuns, disk_of: Callable[[str], str] = lambda _: ""
+        self,
+        settings: Settings,
+        runs: PulumiRuns,
+        disk_of: Callable[[str], str] = lambda _: "",
+        host_address: Callable[[], str] = lambda: "",
     ) -> None:
         self.settings = settings
         self.runs = runs
         self.disk_of = disk_of  # a sandbox's disk mount point ("" without disks)
+        self.host_address = host_address  # the host as containers reach it
+        self._proxy_address = settings.egress_proxy_address
         settings.stack_config_path.mkdir(parents=True, exist_ok=True)
+
+    def proxy_address(self) -> str:
+        """The host's address restricted workspaces reach the egress proxy at (asked once)."""
+        if not self._proxy_address:
+            self._proxy_address = self.host_address()
+        return self._proxy_address
 
     def path(self, name: str) -> Path:
         """The stack's config file (``Pulumi.<stack>.yaml``)."""
@@ -59,6 +71,7 @@ class StackConfig:
             config["sandbox:disk"] = auto.ConfigValue(disk)
         if template.egress != "open":  # where its workspace finds the egress proxy
             config["sandbox:egressPort"] = auto.ConfigValue(str(settings.egress_port))
+            config["sandbox:egressAddress"] = auto.ConfigValue(self.proxy_address())
         if settings.ca_bundle:
             config["sandbox:caBundle"] = auto.ConfigValue(settings.ca_bundle)
         if instance:

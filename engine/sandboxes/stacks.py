@@ -74,7 +74,9 @@ class StackManager:
         # Every sandbox's own disk (SANDBOX_DISKS): made before its stack, dropped after it;
         # the stack's config says where it is (a preview's too: where it would be).
         self.disks = SandboxDisks(settings, lambda: self.instance)
-        self.config = StackConfig(settings, self.runs, disk_of=self.disks.path)
+        self.config = StackConfig(
+            settings, self.runs, disk_of=self.disks.path, host_address=self.backend.host_address
+        )
 
     def _cli(self, args: list[str], **kwargs: Any) -> None:
         self.runs.run(args, **kwargs)
