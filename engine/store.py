@@ -429,6 +429,17 @@ def add_event(conn: psycopg.Connection, sandbox_id: str, kind: str, message: str
     conn.execute("SELECT pg_notify('sandbox_events', %s)", (sandbox_id,))
 
 
+async def add_event_async(
+    conn: psycopg.AsyncConnection, sandbox_id: str, kind: str, message: str = ""
+) -> None:
+    """``add_event`` on an async connection (the AI gateway's, the egress proxy's)."""
+    await conn.execute(
+        "INSERT INTO sandbox_events (sandbox_id, kind, message) VALUES (%s, %s, %s)",
+        (sandbox_id, kind, message[:2000]),
+    )
+    await conn.execute("SELECT pg_notify('sandbox_events', %s)", (sandbox_id,))
+
+
 def list_events(conn: psycopg.Connection, sandbox_id: str, *, after: int = 0) -> list[Event]:
     with conn.cursor(row_factory=class_row(Event)) as cur:
         cur.execute(

@@ -239,6 +239,8 @@ def test_a_name_outside_the_list_is_refused_and_shows_on_the_timeline(world: Wor
     assert timeline.status_code == 200, timeline.text
     refused = [e["detail"] for e in timeline.json() if e["what"] == "egress"]
     assert any("chat.example.com:443" in d for d in refused), timeline.json()
+    # Said once, as it was refused.
+    assert "refused chat.example.com:443: not in the sandbox's allow list" in refused, refused
     assert any(f"{NPM}:443" in d for d in refused), timeline.json()
     # A repeat within the minute is counted, not recorded again.
     world.sh("allow-py", "curl -sS --max-time 20 https://chat.example.com/")

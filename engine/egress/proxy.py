@@ -41,6 +41,7 @@ from psycopg_pool import AsyncConnectionPool
 from engine.egress import store
 from engine.model.egress import Address, Rules, never_reached
 from engine.settings import Settings
+from engine.store import add_event_async
 
 log = logging.getLogger("sandbox_engine.egress")
 
@@ -278,7 +279,7 @@ class EgressProxy:
         assert self.pool is not None
         try:
             async with self.pool.connection() as conn:
-                await store.add_event(conn, sandbox_id, f"refused {key}: {refused.reason}")
+                await add_event_async(conn, sandbox_id, "egress", f"refused {key}")
         except Exception as exc:  # the refusal stands; only its record is lost
             log.warning("egress event of %s not recorded: %s", sandbox_id, exc)
 

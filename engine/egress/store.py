@@ -33,11 +33,3 @@ async def rules_at(conn: psycopg.AsyncConnection, address: str) -> tuple[str, st
     )
     row = await cur.fetchone()
     return (str(row[0]), str(row[1]), row[2]) if row else None
-
-
-async def add_event(conn: psycopg.AsyncConnection, sandbox_id: str, message: str) -> None:
-    await conn.execute(
-        "INSERT INTO sandbox_events (sandbox_id, kind, message) VALUES (%s, 'egress', %s)",
-        (sandbox_id, message[:2000]),
-    )
-    await conn.execute("SELECT pg_notify('sandbox_events', %s)", (sandbox_id,))
