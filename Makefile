@@ -9,7 +9,7 @@ SANDBOX_PG_PORT ?= 55432
 export SANDBOX_PG_PORT
 export SANDBOX_DATABASE_URL ?= postgresql://sandbox:sandbox@127.0.0.1:$(SANDBOX_PG_PORT)/sandbox
 
-.PHONY: help setup packages venv toolchain services base-image images web edge run test test-slow bench lint format docs env doctor stop clean
+.PHONY: help setup packages venv toolchain services base-image images web edge run test test-slow swarm-lab swarm-lab-down bench lint format docs env doctor stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -52,9 +52,12 @@ web: ## the browser UI (web/dist, served by the API at /), built when its source
 edge: venv toolchain services ## start the local Traefik (API at api.<domain>, sandbox ports)
 	@$(BIN)/sandbox-engine edge start
 
-run: setup images edge web ## set up, then run the service (behind the local Traefik) in the foreground
+run: setup images edge web ## set up, then run the service (behind the local Traefik) in the foreground (SANDBOX_BACKEND=swarm: on the lab swarm)
 	@# The workspaces trust this host's CA bundle (where its TLS is intercepted, package
 	@# managers behind the egress proxy then still verify what they fetch).
+	@# SANDBOX_BACKEND=swarm: the lab's settings (make swarm-lab first, when it is not up).
+	@if [ "$${SANDBOX_BACKEND:-docker}" = swarm ]; then $(MAKE) --no-print-directory swarm-lab; fi
+	@if [ "$${SANDBOX_BACKEND:-docker}" = swarm ]; then set -a; . .state/swarm-lab/env; set +a; fi; \
 	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} \
 		SANDBOX_CA_BUNDLE=$${SANDBOX_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt} \
 		$(BIN)/sandbox-engine serve
@@ -73,11 +76,22 @@ test: setup images edge web lint ## set up, build what changed, lint, then run t
 	[ $$rc -eq 0 ] && [ $$ui_rc -eq 0 ]
 	$(MAKE) --no-print-directory test-slow
 
-test-slow: setup images edge ## the tests that need the machine to themselves (attacks, dockerd and PostgreSQL restarts), one at a time
-	$(BIN)/python -m pytest -m slow -p no:xdist -rP  # -rP: their figures, printed, stay in the log
+test-slow: setup images edge ## the tests that need the machine to themselves (attacks, dockerd and PostgreSQL restarts, the lab swarm), one at a time
+	@# The swarm tests run on a lab swarm of their own, made here and removed afterwards.
+	@$(MAKE) --no-print-directory swarm-lab
+	$(BIN)/python -m pytest -m slow -p no:xdist -rP; rc=$$?; \
+		$(MAKE) --no-print-directory swarm-lab-down; exit $$rc  # -rP: their figures stay in the log
+
+swarm-lab: setup images ## a 3-node Docker Swarm of dockerds in network namespaces on this machine (SWARM_NODES=N)
+	@deploy/swarm/lab.sh up $${SWARM_NODES:-3}
+
+swarm-lab-down: ## remove the lab swarm (nothing of it is left)
+	@deploy/swarm/lab.sh down
 
 bench: setup images edge ## benchmarks against raw Docker (QUICK=1 for a short run); results in .bench/
-	QUICK=$(QUICK) $(BIN)/python -m tests.bench.run
+	@$(MAKE) --no-print-directory swarm-lab  # the swarm part's; removed afterwards
+	QUICK=$(QUICK) $(BIN)/python -m tests.bench.run; rc=$$?; \
+		$(MAKE) --no-print-directory swarm-lab-down; exit $$rc
 
 lint: venv ## ruff and mypy
 	$(BIN)/ruff check .

@@ -48,6 +48,7 @@ class SandboxPublic(BaseModel):
         "pooled",
         "running",
         "repairing",
+        "lost",
         "failed",
         "destroying",
         "destroyed",

@@ -197,7 +197,7 @@ def _cmd_reap(settings: Settings, args: argparse.Namespace) -> int:
     async def work(service: SandboxService, client: Client) -> int:
         reaper = Reaper(service, interval=settings.reap_interval or 15)
         if args.once:
-            ids = await reaper.run_once()
+            ids = await reaper.run_once(force=True)
             print(
                 f"reaping {len(ids)} expired sandbox(es)" + (f": {', '.join(ids)}" if ids else "")
             )
@@ -399,7 +399,17 @@ def _cmd_firewall(settings: Settings, args: argparse.Namespace) -> int:
     from engine.host import firewall
 
     try:
-        if args.firewall_command == "apply":
+        if args.firewall_command == "node":
+            from engine.host import node_firewall
+
+            if not args.engine_address:
+                print("firewall node: --engine-address is required", file=sys.stderr)
+                return 2
+            changed = node_firewall.apply(
+                args.engine_address, args.gateway_port or settings.gateway_port, tuple(args.block)
+            )
+            print("\n".join(changed) if changed else "node firewall: in place", flush=True)
+        elif args.firewall_command == "apply":
             while True:
                 changed = firewall.apply()
                 print("\n".join(changed) if changed else "firewall: in place", flush=True)
@@ -413,7 +423,7 @@ def _cmd_firewall(settings: Settings, args: argparse.Namespace) -> int:
             missing = firewall.problems()
             print("\n".join(missing) if missing else "firewall: in place")
             return 1 if missing else 0
-    except firewall.FirewallError as exc:
+    except (firewall.FirewallError, RuntimeError, ValueError) as exc:
         print(f"firewall: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -437,7 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     fw = sub.add_parser(
         "firewall", help="the host rules that keep sandboxes off the host (needs root)"
     )
-    fw.add_argument("firewall_command", choices=["apply", "check", "remove"])
+    fw.add_argument("firewall_command", choices=["apply", "check", "remove", "node"])
+    fw.add_argument(
+        "--engine-address",
+        default="",
+        help="node: the engine's address, whose AI gateway the node's sandboxes may reach",
+    )
+    fw.add_argument("--gateway-port", type=int, default=0, help="node: the AI gateway's port")
+    fw.add_argument(
+        "--block",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="node: an address or network its sandboxes may not reach (repeatable)",
+    )
     fw.add_argument(
         "--every", type=float, default=0, metavar="SECONDS", help="apply: again every SECONDS"
     )
@@ -487,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
             "pooled",
             "running",
             "repairing",
+            "lost",
             "failed",
             "destroying",
             "destroyed",

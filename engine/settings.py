@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.units import parse_memory
@@ -126,6 +126,27 @@ class Settings(BaseSettings):
     # archive's notes, so an archive never takes more than this of the engine's disk.
     archive_max_bytes: int = Field(default=512 * 2**20, ge=2**20, le=2**40)
 
+    # Where sandboxes run (docs/cluster.md): docker, the host's dockerd (DOCKER_HOST); swarm,
+    # a Docker Swarm cluster: its manager's API (swarm_manager, tcp://host:port) and every
+    # node's, all over mutual TLS with the certificates in swarm_tls (ca.pem, cert.pem,
+    # key.pem; deploy/swarm/certs.sh makes them).
+    backend: str = Field(default="docker", pattern=r"^(docker|swarm)$")
+    swarm_manager: str = Field(default="", pattern=r"^(tcp://[A-Za-z0-9.:\[\]-]+)?$")
+    swarm_tls: Path | None = None
+    # The port of every node's Docker API (TLS); a node's address is the one it joined with.
+    swarm_node_port: int = Field(default=2376, ge=1, le=65535)
+    # The engine's host as containers on the nodes reach it (the AI gateway, the egress
+    # proxy); empty: the manager's address on its network, as the nodes see it.
+    swarm_engine_address: str = ""
+    # Seconds a sandbox's service waits for Swarm to find a node with room for it (capacity
+    # freed by a destroy, a node joining); past it the create fails naming what Swarm said
+    # ("no suitable node (insufficient resources on 3 nodes)") and nothing of it is left.
+    swarm_placement_timeout: float = Field(default=60, ge=5, le=3600)
+    # Sandbox overlays encrypted (IPsec between nodes): only where the nodes' kernels have
+    # ESP and AES-GCM (`make doctor` says); elsewhere Docker makes the network and its traffic
+    # goes nowhere, silently.
+    swarm_encrypt: bool = False
+
     # Every sandbox writes to a disk of its own (engine/host/disks.py, docs/security.md): a
     # loop-mounted ext4 file of its template's resources.disk_limit, or this for templates
     # that set none (10Gi, 1G or bytes). False: Docker's volumes on the host's disk, with no
@@ -170,6 +191,9 @@ class Settings(BaseSettings):
     # with a token good for its sandbox alone. Its port (0: any free port, for tests; the host
     # firewall admits sandboxes to this port and nothing else of the host).
     gateway_port: int = Field(default=8790, ge=0, le=65535)
+    # Networks besides this host's sandboxes whose machines may reach the gateway's and the
+    # egress proxy's ports (comma-separated CIDRs): a swarm's nodes (docs/cluster.md).
+    gateway_peers: str = Field(default="", pattern=r"^[0-9a-fA-F.:/, ]*$")
     # Address it listens on: every address, since sandboxes reach it on their networks'
     # gateway addresses (the host firewall keeps it from everything but sandboxes and lo).
     gateway_host: str = "0.0.0.0"  # noqa: S104
@@ -191,6 +215,26 @@ class Settings(BaseSettings):
     gateway_max_body: int = Field(default=32 * 2**20, ge=2**16, le=2**30)
     # Seconds an answer's stream may stay silent before the gateway gives it up.
     gateway_stream_timeout: float = Field(default=600, ge=5, le=3600)
+
+    @model_validator(mode="after")
+    def _swarm_complete(self) -> Settings:
+        if self.backend != "swarm":
+            return self
+        if not self.swarm_manager:
+            raise ValueError("SANDBOX_BACKEND=swarm needs SANDBOX_SWARM_MANAGER (tcp://host:port)")
+        if self.swarm_tls is None:
+            raise ValueError(
+                "SANDBOX_BACKEND=swarm needs SANDBOX_SWARM_TLS: a folder with ca.pem, cert.pem"
+                " and key.pem (deploy/swarm/certs.sh); node APIs are never reached without TLS"
+            )
+        missing = [
+            f for f in ("ca.pem", "cert.pem", "key.pem") if not (self.swarm_tls / f).is_file()
+        ]
+        if missing:
+            raise ValueError(f"SANDBOX_SWARM_TLS={self.swarm_tls} lacks {', '.join(missing)}")
+        # A sandbox's disk is a loop device of the engine's host: not on the nodes (yet).
+        self.disks = False
+        return self
 
     @field_validator("anthropic_upstream")
     @classmethod

@@ -147,6 +147,7 @@ class SandboxState(StrEnum):
     POOLED = "pooled"  # created ahead, no owner: the warm pool
     RUNNING = "running"
     REPAIRING = "repairing"
+    LOST = "lost"  # its node is down (a swarm): back when the node is, or destroyed
     FAILED = "failed"
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
@@ -162,7 +163,13 @@ class DestroyReason(StrEnum):
 
 
 LIVE_STATES = [
-    s.value for s in (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.REPAIRING)
+    s.value
+    for s in (
+        SandboxState.CREATING,
+        SandboxState.RUNNING,
+        SandboxState.REPAIRING,
+        SandboxState.LOST,
+    )
 ]
 # States in which an engine process is working on the sandbox's stack (``worker`` names it).
 IN_FLIGHT = [
@@ -174,7 +181,9 @@ TRANSITIONS: dict[SandboxState, tuple[SandboxState, ...]] = {
     SandboxState.CREATING: (SandboxState.RUNNING, SandboxState.POOLED, SandboxState.FAILED),
     # A pool sandbox becomes running by a claim (claim_pooled), or is recycled.
     SandboxState.POOLED: (SandboxState.DESTROYING,),
-    SandboxState.RUNNING: (SandboxState.DESTROYING, SandboxState.REPAIRING),
+    SandboxState.RUNNING: (SandboxState.DESTROYING, SandboxState.REPAIRING, SandboxState.LOST),
+    # Its node is down: started again on it once it is back (a repair), or destroyed.
+    SandboxState.LOST: (SandboxState.REPAIRING, SandboxState.DESTROYING),
     # A repair (the stack brought back to its declared state) is not interrupted either.
     SandboxState.REPAIRING: (SandboxState.RUNNING, SandboxState.FAILED),
     SandboxState.FAILED: (SandboxState.DESTROYING,),
@@ -483,7 +492,7 @@ def lock_expired(conn: psycopg.Connection, *, now: datetime, limit: int) -> list
     with conn.cursor(row_factory=class_row(SandboxRow)) as cur:
         cur.execute(
             f"SELECT {SANDBOX_COLUMNS} FROM sandboxes"
-            " WHERE state IN ('running', 'failed', 'pooled') AND expires_at <= %s"
+            " WHERE state IN ('running', 'lost', 'failed', 'pooled') AND expires_at <= %s"
             " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (now, limit),
         )

@@ -28,6 +28,7 @@ class WorkerLease:
         self._conninfo = conninfo
         self._conn: psycopg.Connection | None = None
         self._guard = threading.Lock()
+        self._leading: set[str] = set()  # duties this process holds the lock of
 
     def acquire(self) -> None:
         """Open the lease's connection and take the lock (idempotent; reconnects if the
@@ -42,12 +43,32 @@ class WorkerLease:
             conn = psycopg.connect(self._conninfo, autocommit=True, application_name=self.id)
             conn.execute(f"SELECT pg_advisory_lock(({_KEY}))", (self.id,))
             self._conn = conn
+            self._leading.clear()  # a new session holds none of them
+
+    def lead(self, duty: str) -> bool:
+        """Whether this process does ``duty`` for every engine on the database (the reaper's
+        pass: expiry, recovery, drift, pool refills, the orphan sweep): the first to ask takes
+        its lock on the lease's connection and keeps it for its life; when it dies the next
+        one to ask takes it over. Once per cluster, not once per engine."""
+        self.acquire()
+        with self._guard:
+            if duty in self._leading:
+                return True
+            assert self._conn is not None
+            row = self._conn.execute(
+                f"SELECT pg_try_advisory_lock(({_KEY}))", (f"duty:{duty}",)
+            ).fetchone()
+            if row and row[0]:
+                self._leading.add(duty)
+                return True
+            return False
 
     def release(self) -> None:
         with self._guard:
             if self._conn is not None:
                 self._conn.close()  # closing the session releases the lock
                 self._conn = None
+            self._leading.clear()
 
 
 def is_alive(conn: psycopg.Connection, worker: str) -> bool:

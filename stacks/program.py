@@ -19,6 +19,7 @@ import pulumi
 from engine.model.spec import SandboxRequest, SpecSettings, build_spec
 from engine.model.templates import load
 from stacks.sandbox import declare
+from stacks.swarm import Placement
 
 
 def program() -> None:
@@ -43,5 +44,11 @@ def program() -> None:
     )
     password = cfg.require_secret("servicePassword") if "postgres" in template.services else None
     extra_env = cfg.get_secret_object("env")  # the create request's env, a secret
-    for key, value in declare(spec, password, extra_env).items():
+    backend = cfg.get("backend") or "docker"
+    placement = Placement(
+        timeout=cfg.get_int("placementTimeout") or 60,
+        restarts=cfg.get_int("restarts") or 0,
+        encrypt=cfg.get_bool("encrypt") or False,
+    )
+    for key, value in declare(spec, password, extra_env, backend, placement).items():
         pulumi.export(key, value)

@@ -8,6 +8,7 @@ import pulumi
 import pulumi_docker as docker
 
 from engine.model.spec import BRIDGE_NAME_OPTION, SERVICE_DB, ContainerSpec, SandboxSpec
+from stacks import swarm
 
 
 def _labels(labels: dict[str, str], cls: Any) -> list[Any]:
@@ -18,8 +19,18 @@ def declare(
     spec: SandboxSpec,
     service_password: pulumi.Output[str] | None,
     extra_env: pulumi.Output[Any] | None = None,
+    backend: str = "docker",
+    placement: swarm.Placement | None = None,
 ) -> dict[str, Any]:
-    """Declare the sandbox's network, volumes and containers; return the stack outputs."""
+    """Declare the sandbox's network, volumes and containers; return the stack outputs.
+    ``backend`` swarm: the same sandbox as Swarm services (``stacks/swarm.py``), placed as
+    ``placement`` says."""
+    if backend == "swarm":
+        return swarm.declare(
+            spec,
+            lambda c: _envs(c, service_password, extra_env if c.key == "workspace" else None),
+            placement or swarm.Placement(),
+        )
     network = docker.Network(
         "network",
         name=spec.network,

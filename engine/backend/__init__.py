@@ -17,9 +17,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
 
 
 class BackendError(EngineError):
@@ -162,6 +165,10 @@ class Backend(Protocol):
     def remove(self, sandbox_id: str, *, containers_only: bool = False) -> list[str]:
         """Remove everything labelled with the sandbox (containers first); what was removed."""
 
+    def forget(self, sandbox_id: str) -> list[str]:
+        """After the stack's destroy: what it does not hold (nothing on one host; on a swarm,
+        the volumes its tasks made on their nodes); what was removed."""
+
     def states(self, engine: str) -> dict[str, dict[str, str]]:
         """Sandbox id → container name → state, for every container of this engine."""
 
@@ -172,8 +179,19 @@ class Backend(Protocol):
         """The shared network the edge reaches published workspaces on."""
 
 
-def backend_for() -> Backend:
-    """The backend the engine runs sandboxes on (one today: the host's dockerd)."""
+def backend_for(settings: Settings | None = None) -> Backend:
+    """The backend the engine runs sandboxes on (``SANDBOX_BACKEND``): the host's dockerd, or
+    a Docker Swarm cluster."""
     from engine.backend.docker import DockerBackend
 
+    if settings is not None and settings.backend == "swarm":
+        from engine.backend.swarm import SwarmBackend
+
+        assert settings.swarm_tls is not None  # the settings check it
+        return SwarmBackend(
+            settings.swarm_manager,
+            settings.swarm_tls,
+            node_port=settings.swarm_node_port,
+            engine_address=settings.swarm_engine_address,
+        )
     return DockerBackend()

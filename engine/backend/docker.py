@@ -14,7 +14,7 @@ import logging
 import socket
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import docker
@@ -43,12 +43,23 @@ _TMUX_NOTICE = (
 )
 
 
+Connect = Callable[[float | None], docker.DockerClient]
+
+
+def from_env(timeout: float | None) -> docker.DockerClient:
+    return docker.from_env(timeout=timeout)
+
+
 class DockerBackend:
-    """``Backend`` on the host's dockerd (``DOCKER_HOST``, or its local socket)."""
+    """``Backend`` on one dockerd: the host's (``DOCKER_HOST``, or its local socket), or
+    ``connect``'s (a Swarm node's, engine/backend/swarm.py)."""
+
+    def __init__(self, connect: Connect = from_env) -> None:
+        self.connect = connect
 
     def _client(self, timeout: float | None = TIMEOUT) -> docker.DockerClient:
         try:
-            return docker.from_env(timeout=timeout)
+            return self.connect(timeout)
         except docker.errors.DockerException as exc:
             raise BackendError(f"Docker is not reachable: {exc}") from exc
 
@@ -269,19 +280,24 @@ class DockerBackend:
 
     def objects(self, sandbox_id: str) -> list[str]:
         with _translated():
-            return labelled_objects(sandbox_id)
+            return labelled_objects(sandbox_id, self.connect)
 
     def remove(self, sandbox_id: str, *, containers_only: bool = False) -> list[str]:
         with _translated():
-            return remove_labelled(sandbox_id, containers_only=containers_only)
+            return remove_labelled(
+                sandbox_id, containers_only=containers_only, connect=self.connect
+            )
+
+    def forget(self, sandbox_id: str) -> list[str]:
+        return []  # the stack holds every object of the sandbox
 
     def states(self, engine: str) -> dict[str, dict[str, str]]:
         with _translated():
-            return container_states(engine)
+            return container_states(engine, self.connect)
 
     def engine_objects(self, engine: str) -> dict[str, list[str]]:
         with _translated():
-            return engine_objects(engine)
+            return engine_objects(engine, self.connect)
 
     def prepare_edge(self, name: str, subnet: str) -> None:
         with _translated():
@@ -308,12 +324,14 @@ def place(attrs: dict[str, Any], network: str) -> Place:
     return Place(addresses, host)
 
 
-def remove_labelled(sandbox_id: str, *, containers_only: bool = False) -> list[str]:
+def remove_labelled(
+    sandbox_id: str, *, containers_only: bool = False, connect: Connect = from_env
+) -> list[str]:
     """Remove every container, network and volume labelled with this sandbox (in that order:
     what uses an object goes first). Returns what was removed."""
     selector = {"label": f"{L_SANDBOX}={sandbox_id}"}
     removed: list[str] = []
-    client = docker.from_env(timeout=60)
+    client = connect(60)
     try:
         for container in client.containers.list(all=True, filters=selector):
             remove_container(client, container.id or container.name)
@@ -422,10 +440,10 @@ def ensure_edge_network(name: str, subnet: str = "") -> None:
         client.close()
 
 
-def labelled_objects(sandbox_id: str) -> list[str]:
+def labelled_objects(sandbox_id: str, connect: Connect = from_env) -> list[str]:
     """Every container, network and volume still labelled with this sandbox ("container x")."""
     selector = {"label": f"{L_SANDBOX}={sandbox_id}"}
-    client = docker.from_env(timeout=60)
+    client = connect(60)
     try:
         return [
             *(f"container {c.name}" for c in client.containers.list(all=True, filters=selector)),
@@ -436,11 +454,11 @@ def labelled_objects(sandbox_id: str) -> list[str]:
         client.close()
 
 
-def engine_objects(instance: str) -> dict[str, list[str]]:
+def engine_objects(instance: str, connect: Connect = from_env) -> dict[str, list[str]]:
     """Every container, network and volume labelled with this engine instance, by sandbox."""
     found: dict[str, list[str]] = {}
     selector = {"label": [f"{L_ENGINE}={instance}", L_SANDBOX]}
-    client = docker.from_env(timeout=60)
+    client = connect(60)
     try:
         for kind, items in (
             ("container", client.containers.list(all=True, filters=selector)),
@@ -457,11 +475,11 @@ def engine_objects(instance: str) -> dict[str, list[str]]:
     return found
 
 
-def container_states(instance: str) -> dict[str, dict[str, str]]:
+def container_states(instance: str, connect: Connect = from_env) -> dict[str, dict[str, str]]:
     """Sandbox id → container name → Docker state (running, exited, restarting, removing…) of
     every container this engine instance made: one Docker call for all sandboxes (the list
     itself, no inspect per container)."""
-    client = docker.from_env(timeout=60)
+    client = connect(60)
     try:
         found: dict[str, dict[str, str]] = {}
         for c in client.containers.list(

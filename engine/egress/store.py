@@ -10,7 +10,7 @@ from psycopg.types.json import Jsonb
 
 # A sandbox's rules apply while it can run something: from its create (the task's commands
 # run before it is `running`) until its destroy begins.
-LIVE_STATES = ("creating", "pooled", "running", "repairing")
+LIVE_STATES = ("creating", "pooled", "running", "repairing", "lost")
 
 
 def record(conn: psycopg.Connection, sandbox_id: str, addresses: list[str], rules: Any) -> None:

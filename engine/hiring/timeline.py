@@ -32,6 +32,7 @@ STATE_WORDS = {
     "expired": "expired",
     "failed": "failed",
     "repairing": "repairing",
+    "lost": "lost",
 }
 
 

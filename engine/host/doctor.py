@@ -295,6 +295,58 @@ def check_firewall() -> Check:
     return Check("host firewall", True, "sandbox bridges cannot reach the host or link-local")
 
 
+# What an encrypted Swarm overlay needs of the kernel (IPsec ESP with AES-GCM): without them
+# Docker makes the network, and its traffic silently goes nowhere (docs/cluster.md).
+ENCRYPTION_OPTIONS = ("CONFIG_INET_ESP", "CONFIG_CRYPTO_GCM")
+
+
+def kernel_lacks(config: str, options: tuple[str, ...] = ENCRYPTION_OPTIONS) -> list[str]:
+    """The options of ``options`` a kernel config (``/proc/config.gz``'s text) does not set."""
+    have = {
+        line.split("=", 1)[0]
+        for line in config.splitlines()
+        if "=" in line and line.split("=", 1)[1] in ("y", "m")
+    }
+    return [o for o in options if o not in have]
+
+
+def _kernel_config() -> str | None:
+    import gzip
+    import os
+
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return f.read()
+    except OSError:
+        pass
+    try:
+        with open(f"/boot/config-{os.uname().release}") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def check_overlay_encryption(settings: Settings) -> Check:
+    """Encrypted overlays for a swarm (SANDBOX_SWARM_ENCRYPT): only where the kernel has
+    IPsec ESP and AES-GCM."""
+    name = "encrypted overlays"
+    config = _kernel_config()
+    lacks = kernel_lacks(config) if config is not None else None
+    wanted = settings.backend == "swarm" and settings.swarm_encrypt
+    if lacks is None:
+        return Check(
+            name,
+            not wanted,
+            "the kernel's config is not readable here",
+            "SANDBOX_SWARM_ENCRYPT=false unless the nodes' kernels have ESP and GCM",
+        )
+    if lacks:
+        detail = f"this kernel lacks {', '.join(lacks)}: overlays are not encrypted here"
+        return Check(name, not wanted, detail, "SANDBOX_SWARM_ENCRYPT=false on this kernel")
+    state = "on" if wanted else "off (SANDBOX_SWARM_ENCRYPT)"
+    return Check(name, True, f"the kernel has ESP and GCM; encryption {state}")
+
+
 def check_base_image() -> Check:
     import docker
 
@@ -345,9 +397,11 @@ def check_disks(settings: Settings) -> Check:
     name = "sandbox disks"
     if not settings.disks:
         return Check(
-            name, False, "off (SANDBOX_DISKS=false): a sandbox can fill the host's disk",
+            name,
+            False,
+            "off (SANDBOX_DISKS=false): a sandbox can fill the host's disk",
             "unset SANDBOX_DISKS; docs/operations.md, Disks",
-        )  # fmt: skip
+        )
     disks = Disks(settings.disk_path, settings.disk_helper_image)
     try:
         where = disks.check()
@@ -390,6 +444,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: check_traefik(settings),
         lambda: check_edge(settings),
         check_firewall,
+        lambda: check_overlay_encryption(settings),
         check_base_image,
         check_runsc,
         lambda: check_docker_provider(settings),

@@ -15,7 +15,8 @@ so two chains matched by interface cover every sandbox whatever Docker's address
   (``SANDBOX_GATEWAY_PORT``: Claude Code's only way to the model, with its sandbox's token);
   anything else new from a sandbox to the host is rejected.
 - ``SANDBOX-GATEWAY`` (from INPUT, ``-p tcp --dport <gateway port>``): the gateway's port
-  answers sandboxes and the host itself (loopback) only, never another machine.
+  answers sandboxes and the host itself (loopback) only, never another machine — but those of
+  ``SANDBOX_GATEWAY_PEERS`` (a swarm's nodes, whose sandboxes reach it through their node).
 - ``SANDBOX-FORWARD`` (from DOCKER-USER, the chain Docker leaves to operators and evaluates
   first): sandboxes cannot reach link-local addresses (169.254.0.0/16); and a sandbox with
   egress rules (its bridge ``sbxr`` + 11 hex digits, ``engine.model.spec.RESTRICTED_PREFIX``)
@@ -95,6 +96,19 @@ def catch_port() -> int:
     return Settings().egress_catch_port
 
 
+def peers() -> list[str]:
+    """Networks whose machines the gateway's ports answer besides sandboxes (a swarm's
+    nodes: SANDBOX_GATEWAY_PEERS)."""
+    import ipaddress
+
+    from engine.settings import Settings
+
+    text = Settings().gateway_peers
+    return [
+        str(ipaddress.ip_network(p.strip(), strict=False)) for p in text.split(",") if p.strip()
+    ]
+
+
 def admitted(port: int | None = None) -> list[int]:
     """The host's ports sandboxes may open connections to: the AI gateway's and the egress
     proxy's two."""
@@ -114,6 +128,11 @@ def chain_rules(family: Family, port: int | None = None) -> dict[str, list[list[
         GATEWAY_CHAIN: [
             ["-i", IFACE, "-j", "RETURN"],
             ["-i", "lo", "-j", "RETURN"],
+            *(
+                ["-s", net, "-j", "RETURN"]
+                for net in peers()
+                if (":" in net) == (family.command == "ip6tables")
+            ),
             reject,
         ],
     }

@@ -47,6 +47,9 @@ L_ROLE = "io.sandbox-engine.role"
 L_ENGINE = "io.sandbox-engine.engine"
 # Honoured by the engine's docker provider: the container's process limit (docs/provider.md).
 L_PIDS_LIMIT = "io.sandbox-engine.pids-limit"
+# Honoured by the provider's Service: an update keeps the task on the node it runs on (its
+# volumes are there; docs/provider.md). On every service of a swarm sandbox.
+L_STICKY = "io.sandbox-engine.sticky"
 
 # Service containers: image, port, limits, and the workspace env that reaches them.
 SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {

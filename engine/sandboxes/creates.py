@@ -102,6 +102,7 @@ class Creates:
             if found:
                 return found, False, "idempotent"
         template, ttl_seconds, env = self._checked(request)
+        self._check_backend(template)
         await self._check_runtime(template)
         self._rate_limit(client)
         # A create the warm pool can serve: the template keeps a pool and the request asks
@@ -132,6 +133,26 @@ class Creates:
             self.job(row, template, client.name, env, reserved=source == "reserve", counted=True)
         )
         return row, True, source
+
+    def _check_backend(self, template: Template) -> None:
+        """What a swarm does not do yet is refused before anything is made (docs/cluster.md):
+        egress rules (the firewall that enforces them runs on the engine's host, not on the
+        nodes) and published ports (the edge does not route to the nodes' networks)."""
+        if self.settings.backend != "swarm":
+            return
+        if template.egress != "open":
+            raise InvalidRequest(
+                "template",
+                f"{template.name!r} has egress rules (network.egress {template.egress}), which"
+                " a swarm backend does not enforce yet: use a template with egress open there"
+                " (docs/cluster.md)",
+            )
+        if any(e.public for e in template.expose):
+            raise InvalidRequest(
+                "template",
+                f"{template.name!r} publishes ports, which a swarm backend does not route yet"
+                " (docs/cluster.md)",
+            )
 
     async def _check_runtime(self, template: Template) -> None:
         """A template whose runtime dockerd does not have is refused before anything is made

@@ -8,7 +8,9 @@ service's ordinary destroy job (reason ``ttl``, final state ``expired``).
 Each pass, in order: settle sandboxes whose engine process died (reconcile), destroy the
 expired, warn the soon-to-expire, repair running sandboxes changed by hand (drift), and every
 ``sweep_interval`` remove orphans; then prune rows past the retention period, and archives
-past theirs (engine/hiring/archives.py). One step failing does not stop the others.
+past theirs (engine/hiring/archives.py). One step failing does not stop the others. Of several
+engine processes on one database one does the passes (``WorkerLease.lead``); when it dies,
+the next to try takes over.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ Clock = Callable[[], datetime]
 
 
 def should_reap(row: SandboxRow, now: datetime) -> bool:
-    """Running (or failed, or pooled: a pool sandbox's expiry is its maximum age) and past its
+    """Running (or lost, failed, or pooled: a pool sandbox's expiry is its maximum age) and past its
     expiry. A sandbox still being created is left to its create job (its stack is busy); it is
     reaped on the first pass after it settles."""
-    return row.state in ("running", "failed", "pooled") and row.expires_at <= now
+    return row.state in ("running", "lost", "failed", "pooled") and row.expires_at <= now
 
 
 def reap_reason(row: SandboxRow) -> DestroyReason:
@@ -76,12 +78,15 @@ class Reaper:
         self.clock = clock
         self._last_sweep: float | None = None
 
-    async def run_once(self) -> list[str]:
+    async def run_once(self, *, force: bool = False) -> list[str]:
         """One pass; returns the ids of the sandboxes whose destroy it started. None while
-        the engine is stopping (what it would start could not run)."""
+        the engine is stopping (what it would start could not run). ``force``: even while
+        another engine leads (an operator's one pass: claims never collide)."""
         settings = self.service.settings
         if self.service.stopping:
             return []
+        if not force and not await asyncio.to_thread(self.service.lease.lead, "reaper"):
+            return []  # another engine on this database does the pass (engine/workers.py)
         await self._step("reconcile", self.service.reconcile())
         now = self.clock()
         claimed: list[SandboxRow] = await self.service.db(

@@ -30,6 +30,8 @@ log = logging.getLogger("sandbox_engine.service")
 MAX_REPAIRS = 3
 # Container states that need no repair ("restarting": Docker's restart policy is at work).
 HEALTHY = ("running", "restarting")
+# A container on a node that is down (a swarm: engine/backend/swarm.py), with the node's name.
+LOST_PREFIX = "node-lost:"
 # The operation an in-flight state stands for, in messages.
 INTERRUPTED = {"creating": "create", "repairing": "repair", "destroying": "destroy"}
 
@@ -136,7 +138,7 @@ class Recovery:
         jobs = self.jobs
         rows: list[SandboxRow] = [
             row
-            for state in ("running", "pooled")
+            for state in ("running", "pooled", "lost")
             for row in await jobs.db(
                 store.list_sandboxes, owner_id=None, state=state, limit=100_000
             )
@@ -155,6 +157,12 @@ class Recovery:
             states = everything.get(row.id, {})
             if any(states.get(n) == "removing" for n in expected):
                 continue  # Docker is still removing it: repair once it is gone (next pass)
+            lost = sorted({str(states[n]).removeprefix(LOST_PREFIX) for n in expected
+                           if str(states.get(n, "")).startswith(LOST_PREFIX)})  # fmt: skip
+            if lost or row.state == SandboxState.LOST:
+                if await self._lost_or_back(row, lost):
+                    started.append(row.id)
+                continue
             broken = [n for n in expected if states.get(n) not in HEALTHY]
             if not broken:
                 continue
@@ -172,6 +180,34 @@ class Recovery:
             jobs.spawn(self._repair_job(row.id))
             started.append(row.id)
         return started
+
+    async def _lost_or_back(self, row: SandboxRow, nodes: list[str]) -> bool:
+        """A sandbox on a node that is down is shown ``lost`` (state, event and error naming
+        the node), never started elsewhere: its volumes are on that node. Once the node is
+        back, it is repaired there (started again with its volumes). True: a repair began."""
+        jobs = self.jobs
+        if nodes:
+            if row.state == SandboxState.POOLED:
+                return bool(await self.pool.recycle(row.id, f"node {', '.join(nodes)} lost"))
+            if row.state != SandboxState.RUNNING:
+                return False  # already lost
+            why = (
+                f"node {', '.join(nodes)} lost: its Docker daemon does not answer the swarm;"
+                " the sandbox's work is on that node. It starts there again when the node is"
+                " back; DELETE destroys it"
+            )
+            moved = await jobs.db(store.transition, row.id, SandboxState.LOST, error=why)
+            if moved is not None:
+                await jobs.event(row.id, "state", f"lost: {why}")
+            return False
+        claimed = await jobs.db(
+            store.transition, row.id, SandboxState.REPAIRING, worker=jobs.worker
+        )
+        if claimed is None:
+            return False
+        await jobs.event(row.id, "repair", "its node is back; starting it there again")
+        jobs.spawn(self._repair_job(row.id))
+        return True
 
     async def _repair_job(self, sandbox_id: str) -> None:
         """Policy: recreate what is missing (refresh + up; volumes and files are kept), at

@@ -74,6 +74,16 @@ class StackConfig:
             config["sandbox:egressAddress"] = auto.ConfigValue(self.proxy_address())
         if settings.ca_bundle:
             config["sandbox:caBundle"] = auto.ConfigValue(settings.ca_bundle)
+        if settings.backend == "swarm":  # the services through the manager's API (TLS)
+            assert settings.swarm_tls is not None
+            config["sandbox:backend"] = auto.ConfigValue("swarm")
+            config["docker:host"] = auto.ConfigValue(settings.swarm_manager)
+            config["docker:certPath"] = auto.ConfigValue(str(settings.swarm_tls.resolve()))
+            config["sandbox:placementTimeout"] = auto.ConfigValue(
+                str(round(settings.swarm_placement_timeout))
+            )
+            if settings.swarm_encrypt:
+                config["sandbox:encrypt"] = auto.ConfigValue("true")
         if instance:
             config["sandbox:engine"] = auto.ConfigValue(instance)
         if "postgres" in template.services:
@@ -102,6 +112,24 @@ class StackConfig:
             for pair in hidden:
                 args += ["--secret", pair]
             self.runs.run(args)
+
+    def set_plain(self, name: str, values: dict[str, str]) -> None:
+        """Plain values added to (or replaced in) the stack's config file, the rest kept."""
+        path = self.path(name)
+        document = yaml.safe_load(path.read_text()) if path.exists() else None
+        document = document if isinstance(document, dict) else {}
+        document.setdefault("config", {}).update(values)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
+        tmp.replace(path)
+
+    def plain(self, name: str, key: str) -> str | None:
+        """A plain value of the stack's config file (None when unset)."""
+        path = self.path(name)
+        document = yaml.safe_load(path.read_text()) if path.exists() else None
+        config = document.get("config") if isinstance(document, dict) else None
+        value = config.get(key) if isinstance(config, dict) else None
+        return None if value is None else str(value)
 
 
 class _QuotedDumper(yaml.SafeDumper):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import time
 from typing import Any
 
 import docker.errors
@@ -121,8 +121,18 @@ class Network(Resource):
         }, new_inputs
 
     def delete(self, ctx: Context, id_: str, state: Props) -> None:
-        with contextlib.suppress(docker.errors.NotFound):
-            ctx.docker.api.remove_network(id_)
+        # An overlay's endpoints go a moment after its services' tasks (a swarm): retried.
+        deadline = time.monotonic() + (30 if state.get("driver") == "overlay" else 0)
+        while True:
+            try:
+                ctx.docker.api.remove_network(id_)
+                return
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if time.monotonic() >= deadline or "active endpoints" not in str(exc.explanation):
+                    raise
+                time.sleep(0.5)
 
 
 def _blame(exc: docker.errors.APIError) -> str:

@@ -21,6 +21,7 @@ from importlib.metadata import version as dist_version
 from typing import Any, TypeVar
 
 import docker
+import docker.tls
 import grpc
 from google.protobuf import empty_pb2
 from pulumi.runtime.proto import plugin_pb2, provider_pb2, provider_pb2_grpc
@@ -30,6 +31,7 @@ from stacks.provider.errors import CheckFailures, ProviderError
 from stacks.provider.image import RemoteImage
 from stacks.provider.network import Network
 from stacks.provider.resource import Context, Resource
+from stacks.provider.service import Service
 from stacks.provider.volume import Volume
 from stacks.provider.wire import from_struct, to_struct
 
@@ -38,7 +40,7 @@ log = logging.getLogger("pulumi-resource-docker")
 PARENT_ENV = "SANDBOX_PROVIDER_PARENT"
 
 RESOURCES: dict[str, Resource] = {
-    r.token: r for r in (Container(), Network(), Volume(), RemoteImage())
+    r.token: r for r in (Container(), Network(), Volume(), RemoteImage(), Service())
 }
 R = TypeVar("R")
 
@@ -60,6 +62,7 @@ class DockerProvider(provider_pb2_grpc.ResourceProviderServicer):
     def __init__(self) -> None:
         self._client: docker.DockerClient | None = None
         self._host: str | None = None
+        self._cert_path: str | None = None
         self._lock = threading.Lock()
 
     # --- plumbing --------------------------------------------------------------------------
@@ -68,7 +71,17 @@ class DockerProvider(provider_pb2_grpc.ResourceProviderServicer):
         with self._lock:
             if self._client is None:
                 if self._host:
-                    self._client = docker.DockerClient(base_url=self._host, timeout=120)
+                    tls = _tls(self._cert_path)
+                    self._client = docker.DockerClient(
+                        base_url=self._host,
+                        timeout=120,
+                        tls=tls,
+                        # A TLS client is made without a request (asking the version would
+                        # go through REQUESTS_CA_BUNDLE, not the cluster's CA): Docker 20.10's.
+                        version="1.41" if tls else None,
+                    )
+                    if self._cert_path:  # the cluster's CA, not REQUESTS_CA_BUNDLE's
+                        self._client.api.trust_env = False
                 else:
                     self._client = docker.from_env(timeout=120)
             return self._client
@@ -125,6 +138,8 @@ class DockerProvider(provider_pb2_grpc.ResourceProviderServicer):
     def Configure(self, request: Any, context: Any) -> provider_pb2.ConfigureResponse:
         args = from_struct(request.args) if request.HasField("args") else {}
         host = args.get("host") or request.variables.get("docker:config:host") or None
+        # Upstream's certPath: a folder with ca.pem, cert.pem and key.pem (mutual TLS).
+        cert_path = args.get("certPath") or request.variables.get("docker:config:certPath")
         with self._lock:
             if self._client is not None and host != self._host:
                 # One process serves one Docker host: requests carry no trace of which
@@ -135,6 +150,7 @@ class DockerProvider(provider_pb2_grpc.ResourceProviderServicer):
                     f" asked for {host or 'the default Docker host'}",
                 )
             self._host = host
+            self._cert_path = cert_path or None
         # No secrets or resource references in: the engine strips them and re-marks the outputs.
         return provider_pb2.ConfigureResponse(
             acceptSecrets=False, supportsPreview=True, acceptResources=False, acceptOutputs=False
@@ -239,6 +255,17 @@ class DockerProvider(provider_pb2_grpc.ResourceProviderServicer):
         ctx = Context(self._docker(), name)
         self._call(request.urn, context, "delete", lambda: resource.delete(ctx, request.id, state))
         return empty_pb2.Empty()
+
+
+def _tls(cert_path: str | None) -> docker.tls.TLSConfig | bool:
+    """Mutual TLS with the certificates of ``cert_path`` (the Docker host's CA checked)."""
+    if not cert_path:
+        return False
+    return docker.tls.TLSConfig(
+        client_cert=(f"{cert_path}/cert.pem", f"{cert_path}/key.pem"),
+        ca_cert=f"{cert_path}/ca.pem",
+        verify=True,
+    )
 
 
 def _autoname(name: str, request: Any) -> str:

@@ -15,10 +15,12 @@ as markdown tables, to stdout — docs/benchmarks.md holds a copy with the machi
 7. gVisor against runc: cold create, terminal echo, a CPU-bound and a system-call-heavy
    workload in a sandbox of each runtime (tests/bench/runtimes.py);
 8. a sandbox's own disk against a Docker volume on write-heavy work (tests/bench/disks.py);
-9. HTTPS through the egress proxy against open egress (tests/bench/egress.py).
+9. HTTPS through the egress proxy against open egress (tests/bench/egress.py);
+10. the swarm backend on the lab swarm against one host: 30 creates at once with one and two
+    engines, cold and pooled create p50 (tests/bench/swarm.py; needs make swarm-lab).
 
 Arguments select parts (all of them without): ``creates`` (1, 2), ``engine`` (3, 4, 5),
-``gateway`` (6), ``runtimes`` (7), ``disks`` (8), ``egress`` (9), e.g.
+``gateway`` (6), ``runtimes`` (7), ``disks`` (8), ``egress`` (9), ``swarm`` (10), e.g.
 ``python -m tests.bench.run runtimes``.
 """
 
@@ -32,10 +34,10 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.bench import creates, disks, egress, gateway, load, runtimes, terminal
+from tests.bench import creates, disks, egress, gateway, load, runtimes, swarm, terminal
 from tests.bench.harness import ROOT, engine_process
 
-PARTS = ("creates", "engine", "gateway", "runtimes", "disks", "egress")
+PARTS = ("creates", "engine", "gateway", "runtimes", "disks", "egress", "swarm")
 
 
 def main() -> None:
@@ -66,6 +68,8 @@ def main() -> None:
         results["disks"] = disks.run(quick)
     if "egress" in parts:
         results["egress"] = egress.run(quick)
+    if "swarm" in parts:
+        results["swarm"] = swarm.run(quick)
     results["seconds"] = time.monotonic() - started
     out = ROOT / ".bench" / f"{results['at'].replace(':', '')}.json"
     out.parent.mkdir(exist_ok=True)
@@ -93,6 +97,8 @@ def report(r: dict[str, Any]) -> str:
         lines += disks.report(r["disks"])
     if "egress" in r:
         lines += egress.report(r["egress"])
+    if "swarm" in r:
+        lines += swarm.report(r["swarm"])
     return "\n".join(lines)
 
 

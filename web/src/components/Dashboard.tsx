@@ -4,7 +4,7 @@ import { navigate } from "../router";
 import { isDuration } from "../time";
 import { Countdown } from "./Countdown";
 
-const LIVE = ["creating", "pooled", "running", "repairing"];
+const LIVE = ["creating", "pooled", "running", "repairing", "lost"];
 
 export function stateNote(s: Sandbox): string {
   switch (s.state) {
@@ -16,6 +16,8 @@ export function stateNote(s: Sandbox): string {
       return s.error ?? "failed";
     case "repairing":
       return "a container was removed by hand; recreating it";
+    case "lost":
+      return s.error ?? "its node is down; it starts again there when the node is back";
     case "pooled":
       return "warm pool: ready for the next create of its template";
     default:
