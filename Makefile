@@ -38,7 +38,9 @@ toolchain: ## pulumi, its Python language host and traefik, built from Go module
 services: venv ## start dockerd and the project's PostgreSQL cluster when they are not running; the host firewall
 	@deploy/local/dockerd.sh
 	@deploy/local/postgres.sh
-	@$(BIN)/sandbox-engine firewall apply
+	@# With the lab swarm up, its nodes may reach the AI gateway's ports (docs/cluster.md).
+	@if [ -f .state/swarm-lab/env ]; then set -a; . .state/swarm-lab/env; set +a; fi; \
+		$(BIN)/sandbox-engine firewall apply
 
 base-image: ## the offline Debian base image (debootstrap + docker import)
 	@images/base/build.sh

@@ -9,6 +9,7 @@ import pulumi_docker as docker
 
 from engine.model.spec import BRIDGE_NAME_OPTION, SERVICE_DB, ContainerSpec, SandboxSpec
 from stacks import swarm
+from stacks.outputs import outputs
 
 
 def _labels(labels: dict[str, str], cls: Any) -> list[Any]:
@@ -61,14 +62,7 @@ def declare(
     services = [container(c, []) for c in spec.containers if c.key != "workspace"]
     workspace = next(c for c in spec.containers if c.key == "workspace")
     ws = container(workspace, list(services))
-    return {
-        "sandboxId": spec.sandbox_id,
-        "template": spec.template,
-        "network": network.name,
-        "workspace": ws.name,
-        "containers": {c.key: c.name for c in spec.containers},
-        "endpoints": [{"port": e.port, "public": e.public, "url": e.url} for e in spec.endpoints],
-    }
+    return outputs(spec, network.name, ws.name)
 
 
 def _envs(

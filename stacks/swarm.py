@@ -24,6 +24,7 @@ import pulumi
 import pulumi_docker as docker
 
 from engine.model.spec import L_STICKY, ContainerSpec, SandboxSpec
+from stacks.outputs import outputs
 
 MIB = 2**20
 
@@ -57,14 +58,7 @@ def declare(spec: SandboxSpec, envs_of: Any, placement: Placement) -> dict[str, 
     ]
     workspace = next(c for c in spec.containers if c.key == "workspace")
     ws = _service(workspace, envs_of(workspace), network, spec, list(services), placement)
-    return {
-        "sandboxId": spec.sandbox_id,
-        "template": spec.template,
-        "network": network.name,
-        "workspace": ws.name,
-        "containers": {c.key: c.name for c in spec.containers},
-        "endpoints": [{"port": e.port, "public": e.public, "url": e.url} for e in spec.endpoints],
-    }
+    return outputs(spec, network.name, ws.name)
 
 
 def _service(

@@ -75,6 +75,17 @@ LONG = {
     "call, field by field",
     "stacks/provider/container_spec.py:normalize": "one normalisation per field of the schema",
     "engine/cli.py:build_parser": "argparse's table of every command and option",
+    "engine/settings.py:Settings": "one field per setting, each with what it means",
+    "engine/sandboxes/stacks.py:StackManager": "every stack operation (create, preview, "
+    "destroy, recover, repair, refresh, list), each under its stack's lock",
+    "engine/backend/swarm.py:SwarmBackend": "every method of the Backend protocol, each finding "
+    "the task's node first",
+    "stacks/provider/service.py:to_spec": "the schema mapped to Docker's ServiceSpec, field by "
+    "field",
+    "stacks/provider/service.py:from_spec": "Docker's ServiceSpec mapped back to the schema, "
+    "field by field",
+    "stacks/swarm.py:_service": "one Swarm service declared from a container's spec, field by "
+    "field",
 }
 MAX_CLASS, MAX_FUNCTION = 300, 60
 

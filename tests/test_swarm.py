@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -91,6 +92,16 @@ def cluster(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> I
     backend = SwarmBackend(lab["swarm_manager"], Path(lab["swarm_tls"]))
     ready = [n for n in backend.nodes() if n["Status"]["State"] == "ready"]
     assert len(ready) == 3, f"the lab swarm has {len(ready)} ready nodes, not 3: make swarm-lab"
+    # This host's firewall answers the nodes on the AI gateway's port (another test may
+    # have applied it without them).
+    applied = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "sandbox-engine"), "firewall", "apply"],
+        env={**os.environ, "SANDBOX_GATEWAY_PEERS": lab["gateway_peers"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
     templates = tmp_path_factory.mktemp("templates")
     shutil.copytree(TEMPLATES, templates, dirs_exist_ok=True)
     state = tmp_path_factory.mktemp("pulumi-state")

@@ -180,7 +180,11 @@ up() {
 SANDBOX_BACKEND=swarm
 SANDBOX_SWARM_MANAGER=tcp://$(node_addr 1):2376
 SANDBOX_SWARM_TLS=$state/certs/engine
+SANDBOX_GATEWAY_PEERS=$subnet_prefix.0/24
 EOF
+	# This host's firewall answers the nodes on the AI gateway's ports (their sandboxes reach
+	# it through them); `make services` keeps that while the env file is there.
+	SANDBOX_GATEWAY_PEERS=$subnet_prefix.0/24 "$root/.venv/bin/sandbox-engine" firewall apply >/dev/null
 	log "up in $((SECONDS - t0)) s; settings in $state/env"
 	status
 }
@@ -210,6 +214,10 @@ down() {
 	ip link del "$bridge" 2>/dev/null || true
 	while iptables -D FORWARD -i "$bridge" -o "$bridge" -j ACCEPT 2>/dev/null; do :; done
 	rm -rf "$data" "$run" "$state"
+	# This host's firewall without the nodes.
+	if [[ -x $root/.venv/bin/sandbox-engine ]]; then
+		env -u SANDBOX_GATEWAY_PEERS "$root/.venv/bin/sandbox-engine" firewall apply >/dev/null || true
+	fi
 	log "down: nothing of the lab is left"
 }
 

@@ -137,7 +137,8 @@ class Creates:
     def _check_backend(self, template: Template) -> None:
         """What a swarm does not do yet is refused before anything is made (docs/cluster.md):
         egress rules (the firewall that enforces them runs on the engine's host, not on the
-        nodes) and published ports (the edge does not route to the nodes' networks)."""
+        nodes), published ports (the edge does not route to the nodes' networks) and the AI
+        gateway (a token is bound to its sandbox's address, which its node's NAT hides)."""
         if self.settings.backend != "swarm":
             return
         if template.egress != "open":
@@ -152,6 +153,13 @@ class Creates:
                 "template",
                 f"{template.name!r} publishes ports, which a swarm backend does not route yet"
                 " (docs/cluster.md)",
+            )
+        if template.claude.access == "gateway":
+            raise InvalidRequest(
+                "template",
+                f"{template.name!r} gives Claude Code the AI gateway (claude.access gateway),"
+                " whose tokens a swarm backend does not bind to its sandboxes yet: use"
+                " claude.access none there (docs/cluster.md)",
             )
 
     async def _check_runtime(self, template: Template) -> None:

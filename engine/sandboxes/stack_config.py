@@ -123,6 +123,14 @@ class StackConfig:
         tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
         tmp.replace(path)
 
+    def ask_restart(self, name: str) -> None:
+        """On a swarm, before a repair's up: a new task asked for (Swarm never starts one
+        again by itself; it starts on the node its volumes are on: stacks/swarm.py)."""
+        if self.settings.backend != "swarm":
+            return
+        restarts = int(self.plain(name, "sandbox:restarts") or 0) + 1
+        self.set_plain(name, {"sandbox:restarts": str(restarts)})
+
     def plain(self, name: str, key: str) -> str | None:
         """A plain value of the stack's config file (None when unset)."""
         path = self.path(name)

@@ -179,8 +179,12 @@ class StackManager:
             raise
         finally:
             self.config.path(name).unlink(missing_ok=True)
-        self.disks.drop(name.removeprefix("sbx-"))  # only once nothing uses it
-        self.backend.forget(name.removeprefix("sbx-"))
+        self._dropped(name.removeprefix("sbx-"))
+
+    def _dropped(self, sandbox_id: str) -> None:
+        """Once its stack is gone: its disk (nothing uses it now), what a swarm's nodes hold."""
+        self.disks.drop(sandbox_id)
+        self.backend.forget(sandbox_id)
 
     def create(
         self,
@@ -272,8 +276,7 @@ class StackManager:
             except auto.CommandError as exc:
                 raise StackError(f"pulumi destroy: {_summarize(exc)}") from exc
             self.config.path(name).unlink(missing_ok=True)
-            self.disks.drop(sandbox_id)
-            self.backend.forget(sandbox_id)
+            self._dropped(sandbox_id)
 
     def recover(self, sandbox_id: str) -> None:
         """Tear down a sandbox whose engine died mid-operation.
@@ -318,21 +321,13 @@ class StackManager:
         name = stack_name(sandbox_id)
         with self._operation(name):
             stack = self._stack(name, create=False)
-            self._restart(name)
+            self.config.ask_restart(name)
             try:
                 stack.refresh(on_event=progress_events(progress))
                 up = stack.up(on_event=progress_events(progress))
             except auto.CommandError as exc:
                 raise StackError(_summarize(exc)) from exc
             return {k: v.value for k, v in up.outputs.items()}
-
-    def _restart(self, name: str) -> None:
-        """On a swarm: a new task asked for (Swarm never starts one again by itself, and
-        starts it on the node its volumes are on: stacks/swarm.py)."""
-        if self.settings.backend != "swarm":
-            return
-        restarts = int(self.config.plain(name, "sandbox:restarts") or 0) + 1
-        self.config.set_plain(name, {"sandbox:restarts": str(restarts)})
 
     def refresh(self, sandbox_id: str) -> dict[str, int]:
         name = stack_name(sandbox_id)

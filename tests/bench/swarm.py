@@ -77,6 +77,8 @@ def second_engine(first: Engine, env: dict[str, str]) -> Iterator[str]:
         "SANDBOX_MAX_LIVE_SANDBOXES_PER_KEY": "1000",
         "SANDBOX_CREATES_PER_MINUTE": "10000",
         **env,
+        # The first engine serves the AI gateway and the egress proxy on this host's ports.
+        "SANDBOX_GATEWAY_SERVE": "false",
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(
