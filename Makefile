@@ -79,10 +79,12 @@ test: setup images edge web lint ## set up, build what changed, lint, then run t
 	$(MAKE) --no-print-directory test-slow
 
 test-slow: setup images edge ## the tests that need the machine to themselves (attacks, dockerd and PostgreSQL restarts, the lab swarm), one at a time
-	@# The swarm tests run on a lab swarm of their own, made here and removed afterwards.
+	$(BIN)/python -m pytest -m "slow and not swarm" -p no:xdist -rP  # -rP: their figures stay in the log
+	@# The swarm tests last, on a lab swarm of their own, made here and removed afterwards
+	@# (while it is up this host's firewall admits its nodes to the AI gateway's ports).
 	@$(MAKE) --no-print-directory swarm-lab
-	$(BIN)/python -m pytest -m slow -p no:xdist -rP; rc=$$?; \
-		$(MAKE) --no-print-directory swarm-lab-down; exit $$rc  # -rP: their figures stay in the log
+	$(BIN)/python -m pytest -m swarm -p no:xdist -rP; rc=$$?; \
+		$(MAKE) --no-print-directory swarm-lab-down; exit $$rc
 
 swarm-lab: setup images ## a 3-node Docker Swarm of dockerds in network namespaces on this machine (SWARM_NODES=N)
 	@deploy/swarm/lab.sh up $${SWARM_NODES:-3}
