@@ -180,11 +180,9 @@ class SwarmBackend:
     def runtimes(self) -> list[str]:
         """The runtimes every ready node has."""
         have: set[str] | None = None
-        for n in self.nodes():
-            if (n.get("Status") or {}).get("State") != "ready":
-                continue
+        for node in self._ready_nodes():
             with contextlib.suppress(BackendError):
-                found = set(self.node(n["ID"]).runtimes())
+                found = set(node.runtimes())
                 have = found if have is None else have & found
         return sorted(have or {"runc"})
 
@@ -267,7 +265,8 @@ class SwarmBackend:
         return node.inspect(cid)
 
     def user_of(self, container: str) -> str:
-        return str((self.inspect(container).get("Config") or {}).get("User") or "root")
+        node, cid, _ = self.locate(container)
+        return node.user_of(cid)
 
     def place(self, container: str, network: str) -> Place:
         nets = (self.inspect(container).get("NetworkSettings") or {}).get("Networks") or {}

@@ -8,6 +8,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pulumi import automation as auto
@@ -99,13 +100,9 @@ class StackConfig:
         """Plain values written straight into the stack's config file (the file ``pulumi
         config set`` writes; no CLI run), secrets through the CLI, which encrypts them with
         the stack's key."""
-        path = self.path(name)
-        document = yaml.safe_load(path.read_text()) if path.exists() else None
-        document = document if isinstance(document, dict) else {}
+        document = self._document(name)
         document["config"] = {k: v.value for k, v in config.items() if not v.secret}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
-        tmp.replace(path)
+        self._save(name, document)
         hidden = [f"{k}={v.value}" for k, v in config.items() if v.secret]
         if hidden:
             args = ["config", "set-all", "--stack", name]
@@ -115,13 +112,9 @@ class StackConfig:
 
     def set_plain(self, name: str, values: dict[str, str]) -> None:
         """Plain values added to (or replaced in) the stack's config file, the rest kept."""
-        path = self.path(name)
-        document = yaml.safe_load(path.read_text()) if path.exists() else None
-        document = document if isinstance(document, dict) else {}
+        document = self._document(name)
         document.setdefault("config", {}).update(values)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
-        tmp.replace(path)
+        self._save(name, document)
 
     def ask_restart(self, name: str) -> None:
         """On a swarm, before a repair's up: a new task asked for (Swarm never starts one
@@ -133,11 +126,22 @@ class StackConfig:
 
     def plain(self, name: str, key: str) -> str | None:
         """A plain value of the stack's config file (None when unset)."""
-        path = self.path(name)
-        document = yaml.safe_load(path.read_text()) if path.exists() else None
-        config = document.get("config") if isinstance(document, dict) else None
+        config = self._document(name).get("config")
         value = config.get(key) if isinstance(config, dict) else None
         return None if value is None else str(value)
+
+    def _document(self, name: str) -> dict[str, Any]:
+        """The stack's config file as YAML (empty when there is none yet)."""
+        path = self.path(name)
+        document = yaml.safe_load(path.read_text()) if path.exists() else None
+        return document if isinstance(document, dict) else {}
+
+    def _save(self, name: str, document: dict[str, Any]) -> None:
+        """Written whole under another name, then renamed over the file."""
+        path = self.path(name)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(yaml.dump(document, Dumper=_QuotedDumper, sort_keys=True))
+        tmp.replace(path)
 
 
 class _QuotedDumper(yaml.SafeDumper):
