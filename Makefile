@@ -59,7 +59,9 @@ run: setup images edge web ## set up, then run the service (behind the local Tra
 	@# managers behind the egress proxy then still verify what they fetch).
 	@# SANDBOX_BACKEND=swarm: the lab's settings (make swarm-lab first, when it is not up).
 	@if [ "$${SANDBOX_BACKEND:-docker}" = swarm ]; then $(MAKE) --no-print-directory swarm-lab; fi
-	@if [ "$${SANDBOX_BACKEND:-docker}" = swarm ]; then set -a; . .state/swarm-lab/env; set +a; fi; \
+	@# On the lab swarm this host's Traefik also sends sandbox hosts to the swarm's edge.
+	@if [ "$${SANDBOX_BACKEND:-docker}" = swarm ]; then set -a; . .state/swarm-lab/env; set +a; \
+		$(BIN)/sandbox-engine edge start; fi; \
 	SANDBOX_PUBLIC_PORT=$${SANDBOX_PUBLIC_PORT:-8088} \
 		SANDBOX_CA_BUNDLE=$${SANDBOX_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt} \
 		$(BIN)/sandbox-engine serve

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     edge_host: str = "127.0.0.1"
     edge_port: int = Field(default=8088, ge=1, le=65535)
     edge_ping_port: int = Field(default=8089, ge=1, le=65535)
+    # More engine processes on the same database (docs/cluster.md) that the local Traefik
+    # balances the API, the UI and terminals across, besides this one's listen port:
+    # comma-separated base URLs, e.g. http://127.0.0.1:8001,http://10.0.0.5:8000.
+    edge_engines: str = Field(
+        default="", pattern=r"^(https?://[A-Za-z0-9.:\[\]-]+/?(,https?://[A-Za-z0-9.:\[\]-]+/?)*)?$"
+    )
     # Folder of terminal session recordings (asciicast files); default <state dir>/recordings.
     recordings_dir: Path | None = None
     # How long a recording is kept after its session ended (seconds or ISO 8601, e.g. P30D).
@@ -146,6 +152,12 @@ class Settings(BaseSettings):
     # ESP and AES-GCM (`make doctor` says); elsewhere Docker makes the network and its traffic
     # goes nowhere, silently.
     swarm_encrypt: bool = False
+    # The swarm's edge (docs/cluster.md): the name of a Traefik container on the manager node
+    # whose swarm provider routes published sandboxes (the engine connects it to each one's
+    # overlay), and its entrypoint's URL as this host reaches it (this host's Traefik sends
+    # sandbox hosts there). Empty: templates with public ports are refused on a swarm.
+    swarm_edge: str = Field(default="", pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+    swarm_edge_url: str = Field(default="", pattern=r"^(https?://[A-Za-z0-9.:\[\]-]+)?$")
 
     # Every sandbox writes to a disk of its own (engine/host/disks.py, docs/security.md): a
     # loop-mounted ext4 file of its template's resources.disk_limit, or this for templates
@@ -232,6 +244,11 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise ValueError(f"SANDBOX_SWARM_TLS={self.swarm_tls} lacks {', '.join(missing)}")
+        if bool(self.swarm_edge) != bool(self.swarm_edge_url):
+            raise ValueError(
+                "SANDBOX_SWARM_EDGE and SANDBOX_SWARM_EDGE_URL go together: the swarm edge's"
+                " container on the manager and its entrypoint's URL (docs/cluster.md)"
+            )
         # A sandbox's disk is a loop device of the engine's host: not on the nodes (yet).
         self.disks = False
         return self
@@ -323,6 +340,12 @@ class Settings(BaseSettings):
     def web_path(self) -> Path:
         """The built web UI (``make web``), served at ``/``."""
         return self.web_dir or self.project_dir / "web" / "dist"
+
+    @property
+    def engine_urls(self) -> list[str]:
+        """Every engine the local edge sends the API to: this one first."""
+        extra = [u.rstrip("/") for u in self.edge_engines.split(",") if u]
+        return [f"http://127.0.0.1:{self.listen_port}", *extra]
 
     @property
     def state_path(self) -> Path:

@@ -27,6 +27,8 @@ from engine.model.spec import L_STICKY, ContainerSpec, SandboxSpec
 from stacks.outputs import outputs
 
 MIB = 2**20
+TRAEFIK_DOCKER_NETWORK = "traefik.docker.network"
+TRAEFIK_SWARM_NETWORK = "traefik.swarm.network"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ def declare(spec: SandboxSpec, envs_of: Any, placement: Placement) -> dict[str, 
     workspace = next(c for c in spec.containers if c.key == "workspace")
     ws = _service(workspace, envs_of(workspace), network, spec, list(services), placement)
     return outputs(spec, network.name, ws.name)
+
+
+def service_labels(labels: dict[str, str], network: str) -> dict[str, str]:
+    """A service's labels: its container's, sticky to its node, and for a published workspace
+    Traefik's swarm provider told to reach it on the sandbox's own overlay (the swarm's edge
+    is connected to it) instead of the host's shared edge network."""
+    out = {**labels, L_STICKY: "true"}
+    if out.pop(TRAEFIK_DOCKER_NETWORK, None) is not None:
+        out[TRAEFIK_SWARM_NETWORK] = network
+    return out
 
 
 def _service(
@@ -106,7 +118,7 @@ def _service(
         name=c.name,
         labels=[
             docker.ServiceLabelArgs(label=k, value=v)
-            for k, v in sorted({**c.labels, L_STICKY: "true"}.items())
+            for k, v in sorted(service_labels(c.labels, spec.network).items())
         ],
         mode=docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=1)),
         task_spec=docker.ServiceTaskSpecArgs(

@@ -19,9 +19,7 @@ import asyncio
 import json
 import re
 import secrets
-import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +28,8 @@ from typing import Any
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from tests.threaded_server import threaded_server
 
 RUN = re.compile(r"RUN: (.+)")
 
@@ -210,24 +210,16 @@ def serving(
 ) -> Iterator[tuple[str, Upstream]]:
     """The stand-in on a free port of ``host``; yields (its base URL, its state)."""
     upstream = upstream or Upstream()
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(upstream, host=host, port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the stand-in upstream did not start")
-        time.sleep(0.02)
-    try:
+    with threaded_server(
+        upstream,
+        host,
+        what="the stand-in upstream",
+        start_timeout=30,
+        stop_timeout=30,
+        log_level="warning",
+        lifespan="off",
+    ) as port:
         yield f"http://{host}:{port}", upstream
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 if __name__ == "__main__":  # python -m tests.ai_upstream PORT [PIECES [PAUSE]]: alone (benchmarks)

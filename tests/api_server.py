@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,6 @@ from typing import Any
 import docker
 import httpx
 import psycopg
-import uvicorn
 import websockets
 
 from api.app import create_app
@@ -31,37 +29,22 @@ from engine.sandboxes.stacks import StackManager
 from engine.settings import Settings
 from engine.store import Role, create_client
 from tests.conftest import ROOT
+from tests.threaded_server import threaded_server
 
 
 @contextmanager
 def serve(settings: Settings, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve on a free port of ``host``; yields the 127.0.0.1 address to call it on."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings),
-            host=host,
-            port=port,
-            log_level="info",
-            log_config=None,  # records reach the root logger (and the tests' caplog)
-            ws="websockets-sansio",
-            ws_max_size=MAX_FRAME,  # as engine/cli.py serves it
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API server did not start")
-        time.sleep(0.05)
-    try:
+    with threaded_server(
+        create_app(settings),
+        host,
+        what="the API server",
+        log_level="info",
+        log_config=None,  # records reach the root logger (and the tests' caplog)
+        ws="websockets-sansio",
+        ws_max_size=MAX_FRAME,  # as engine/cli.py serves it
+    ) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=600)
 
 
 @contextmanager

@@ -1,10 +1,11 @@
-"""Two engine processes on one database, on the lab swarm (``make swarm-lab``): both take
-creates and run stack operations; thirty creates at once through both are all running, none
-made twice; one engine SIGKILLed mid-create, the other settles what it left (recovery through
-the lease of engine/workers.py) and nothing is left behind."""
+"""Two engine processes on one database behind Traefik, on the lab swarm (``make swarm-lab``):
+both take creates, serve terminals and run stack operations; thirty creates at once through
+the edge are all running, none made twice; one engine SIGKILLed mid-create, the other settles
+what it left (recovery through the lease of engine/workers.py) and nothing is left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from engine.backend.swarm import SwarmBackend
-from tests.api_server import Engine, engine_http, prepare
+from engine.host.edge import Edge
+from engine.settings import Settings
+from tests.api_server import Engine, Terminal, _free_port, engine_http, prepare
 from tests.conftest import ROOT
 from tests.test_swarm import lab_settings
 
@@ -37,6 +41,13 @@ def _settle(http: httpx.Client, ids: list[str], timeout: float = 900) -> dict[st
             return bodies
         assert time.monotonic() < deadline, collections.Counter(b["state"] for b in bodies.values())
         time.sleep(2)
+
+
+async def _echo(url: str, word: str) -> None:
+    async with websockets.connect(url) as ws:
+        term = Terminal(ws)
+        await term.type(f"echo {word}-$((6*7))\r")
+        await term.expect(f"{word}-42", within=30)
 
 
 def test_two_engines_share_the_work_and_one_dying_leaves_nothing_behind(
@@ -61,11 +72,26 @@ def test_two_engines_share_the_work_and_one_dying_leaves_nothing_behind(
     for engine in engines:
         engine.start()
     clients = [engine_http(e, key) for e in engines]
+    # Both behind a Traefik of the test's own (the local edge's configuration, make run's).
+    settings = Settings(
+        state_dir=tmp_path / "edge",
+        edge_port=_free_port(),
+        edge_ping_port=_free_port(),
+        listen_port=engines[0].port,
+        edge_engines=f"http://127.0.0.1:{engines[1].port}",
+    )
+    edge = Edge(settings)
+    edge.start()
+    front = httpx.Client(
+        base_url=edge.url,
+        headers={"Host": f"api.{settings.domain}", "X-API-Key": key},
+        timeout=120,
+    )
     ids: list[str] = []
     try:
-        # Thirty at once, alternately through both.
+        # Thirty at once, through the edge, which balances them across both.
         def create(i: int) -> str:
-            made = clients[i % 2].post("/api/v1/sandboxes", json={"template": "tiny"})
+            made = front.post("/api/v1/sandboxes", json={"template": "tiny"})
             assert made.status_code == 202, made.text
             return str(made.json()["id"])
 
@@ -84,9 +110,20 @@ def test_two_engines_share_the_work_and_one_dying_leaves_nothing_behind(
             objects = backend.objects(sid)
             assert sum(o.startswith("service ") for o in objects) == 1, objects
             assert sum(o.startswith("network ") for o in objects) == 1, objects
-        # Both engines served: each sees every sandbox (one database), and both ran stacks.
+        # Both engines took creates (their access logs) and each sees every sandbox.
+        took_creates = [
+            e.log.read_text().count('"POST /api/v1/sandboxes HTTP/1.1" 202') for e in engines
+        ]
+        assert sum(took_creates) == CREATES and min(took_creates) > 0, took_creates
         workers = {b["id"]: b for b in _states(clients[0], ids).values()}
         assert len(workers) == CREATES
+        # Both serve terminals, of sandboxes either made (the task's node, over TLS).
+        for i, engine in enumerate(engines):
+            sid = ids[i]
+            token = clients[i].post(f"/api/v1/sandboxes/{sid}/access-tokens").json()["token"]
+            url = f"ws://127.0.0.1:{engine.port}/api/v1/ws/terminal/{sid}?token={token}"
+            asyncio.run(_echo(url, f"engine-{i + 1}"))
+        print(f"creates taken by each engine through the edge: {took_creates}")
 
         # Engine 1 killed while creates it took are in flight.
         more = [clients[0].post("/api/v1/sandboxes", json={"template": "tiny"}) for _ in range(3)]
@@ -117,8 +154,9 @@ def test_two_engines_share_the_work_and_one_dying_leaves_nothing_behind(
             for sid in left:  # those that were still creating when asked
                 clients[1].delete(f"/api/v1/sandboxes/{sid}")
             time.sleep(3)
-        for c in clients:
+        for c in (*clients, front):
             c.close()
+        edge.stop()
         for e in engines:
             e.stop()
     leftovers = {sid: backend.objects(sid) for sid in ids}

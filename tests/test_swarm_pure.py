@@ -3,6 +3,7 @@ firewall's rules, the kernel check for encrypted overlays, what a swarm refuses.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from pydantic import ValidationError
 
 from engine.host import node_firewall
 from engine.host.doctor import kernel_lacks
+from engine.host.edge import Edge
 from engine.settings import Settings
+from stacks.swarm import service_labels
 
 
 def _tls(tmp_path: Path) -> Path:
@@ -66,3 +69,62 @@ def test_encrypted_overlays_need_esp_and_gcm() -> None:
         "CONFIG_INET_ESP"
     ]
     assert kernel_lacks("") == ["CONFIG_INET_ESP", "CONFIG_CRYPTO_GCM"]
+
+
+def test_the_swarm_edge_is_both_settings_and_gets_the_sandbox_hosts(tmp_path: Path) -> None:
+    swarm = {
+        "backend": "swarm",
+        "swarm_manager": "tcp://10.0.0.1:2376",
+        "swarm_tls": _tls(tmp_path),
+    }
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(**swarm, swarm_edge="sandbox-swarm-edge")
+    with pytest.raises(ValidationError, match="swarm_edge_url"):
+        Settings(**swarm, swarm_edge="e", swarm_edge_url="ftp://10.0.0.1")
+    settings = Settings(
+        **swarm,
+        domain="sandbox.example.com",
+        swarm_edge="sandbox-swarm-edge",
+        swarm_edge_url="http://10.0.0.1:8089",
+    )
+    http = Edge(settings).dynamic()["http"]
+    assert isinstance(http, dict)
+    router = http["routers"]["swarm-sandboxes"]
+    assert router["service"] == "swarm-edge" and router["priority"] == 1
+    pattern = router["rule"].removeprefix("HostRegexp(`").removesuffix("`)")
+    assert re.fullmatch(pattern, "0a1b2c3d4e-8000.sandbox.example.com")
+    for other in ("sandbox.example.com", "api.sandbox.example.com.evil", "x-1.sandboxXexample.com"):
+        assert not re.fullmatch(pattern, other), other
+    assert http["services"]["swarm-edge"]["loadBalancer"]["servers"] == [
+        {"url": "http://10.0.0.1:8089"}
+    ]
+    # The engine's own hosts keep their routes (longer rules: a higher priority than 1).
+    assert {"engine-api", "engine-ui"} <= set(http["routers"])
+    # One host: no such route.
+    assert "swarm-sandboxes" not in Edge(Settings()).dynamic()["http"]["routers"]  # type: ignore[index]
+
+
+def test_a_published_service_is_reached_on_its_own_overlay() -> None:
+    labels = {"traefik.enable": "true", "traefik.docker.network": "sandbox-edge", "a": "b"}
+    out = service_labels(labels, "sbx-0a1b2c3d4e-net")
+    assert out["traefik.swarm.network"] == "sbx-0a1b2c3d4e-net"
+    assert "traefik.docker.network" not in out and out["a"] == "b"
+    assert "traefik.swarm.network" not in service_labels({"a": "b"}, "n")
+
+
+def test_the_local_edge_balances_the_api_across_the_engines() -> None:
+    settings = Settings(
+        listen_port=8000, edge_engines="http://127.0.0.1:8001,http://10.0.0.5:8000/"
+    )
+    assert settings.engine_urls == [
+        "http://127.0.0.1:8000",
+        "http://127.0.0.1:8001",
+        "http://10.0.0.5:8000",
+    ]
+    http = Edge(settings).dynamic()["http"]
+    assert isinstance(http, dict)
+    servers = http["services"]["engine"]["loadBalancer"]["servers"]
+    assert [s["url"] for s in servers] == settings.engine_urls
+    assert Settings().engine_urls == [f"http://127.0.0.1:{Settings().listen_port}"]
+    with pytest.raises(ValidationError, match="edge_engines"):
+        Settings(edge_engines="127.0.0.1:8001")

@@ -31,6 +31,10 @@ node_addr() { echo "$subnet_prefix.$((10 + $1))"; }
 node_sock() { echo "unix://$run/n$1/docker.sock"; }
 ndocker() { local k=$1; shift; docker -H "$(node_sock "$k")" "$@"; }
 count() { cat "$state/nodes" 2>/dev/null || echo 0; }
+# The swarm's edge: Traefik on the manager, reading the swarm through its swarm provider; the
+# engine connects it to each published sandbox's overlay (docs/cluster.md).
+edge_name=sandbox-swarm-edge
+edge_port=8089
 
 need_root() {
 	[[ $(id -u) -eq 0 ]] || { log "needs root (network namespaces, a dockerd per node)"; exit 1; }
@@ -128,6 +132,27 @@ load_images() {
 	log "images loaded in $((SECONDS - t0)) s"
 }
 
+# Traefik on the manager node: the toolchain's binary (a static Go program) in an image the
+# node has, the node's own Docker socket for its swarm provider (it lists services and tasks
+# there); its entrypoint published on the node's address. A real cluster runs the project's
+# Traefik image (deploy/traefik) the same way (docs/cluster.md).
+start_edge() {
+	local exe
+	exe=$(readlink -f "$root/.toolchain/bin/traefik" 2>/dev/null || true)
+	[[ -n $exe && -x $exe ]] || { log "traefik is missing in .toolchain/bin (make toolchain)"; exit 1; }
+	ndocker 1 run -d --name "$edge_name" --restart unless-stopped --user 0:0 \
+		--label io.sandbox-engine.role=edge \
+		-v "$exe:/usr/local/bin/traefik:ro" -v "$run/n1/docker.sock:/var/run/docker.sock" \
+		-p "$(node_addr 1):$edge_port:8000" --entrypoint /usr/local/bin/traefik \
+		workspace-base:latest \
+		--entrypoints.web.address=:8000 --entrypoints.traefik.address=127.0.0.1:8082 --ping=true \
+		--providers.swarm.endpoint=unix:///var/run/docker.sock \
+		--providers.swarm.exposedbydefault=false --providers.swarm.refreshseconds=2 \
+		--global.checknewversion=false --global.sendanonymoususage=false \
+		--log.level=INFO --log.nocolor=true >/dev/null
+	log "edge (traefik) on $(node_addr 1):$edge_port"
+}
+
 up() {
 	need_root
 	local n=${1:-3}
@@ -176,10 +201,13 @@ up() {
 	log "swarm of $n nodes joined in $((SECONDS - t0)) s"
 	for k in $(seq 1 "$n"); do firewall_node "$k"; done
 	load_images "$n"
+	start_edge
 	cat >"$state/env" <<EOF
 SANDBOX_BACKEND=swarm
 SANDBOX_SWARM_MANAGER=tcp://$(node_addr 1):2376
 SANDBOX_SWARM_TLS=$state/certs/engine
+SANDBOX_SWARM_EDGE=$edge_name
+SANDBOX_SWARM_EDGE_URL=http://$(node_addr 1):$edge_port
 SANDBOX_GATEWAY_PEERS=$subnet_prefix.0/24
 EOF
 	# This host's firewall answers the nodes on the AI gateway's ports (their sandboxes reach

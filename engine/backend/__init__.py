@@ -178,6 +178,15 @@ class Backend(Protocol):
     def prepare_edge(self, name: str, subnet: str) -> None:
         """The shared network the edge reaches published workspaces on."""
 
+    def publish(self, network: str) -> None:
+        """After the stack's up of a sandbox with public ports: the edge reaches it on
+        ``network``, the sandbox's own (on one host nothing to do: the stack put the workspace
+        on the shared edge network; on a swarm the edge's container joins the overlay)."""
+
+    def unpublish(self, sandbox_id: str) -> None:
+        """Before the stack's destroy: the edge leaves the sandbox's networks (else a swarm's
+        overlay could not be removed)."""
+
 
 def backend_for(settings: Settings | None = None) -> Backend:
     """The backend the engine runs sandboxes on (``SANDBOX_BACKEND``): the host's dockerd, or
@@ -193,5 +202,6 @@ def backend_for(settings: Settings | None = None) -> Backend:
             settings.swarm_tls,
             node_port=settings.swarm_node_port,
             engine_address=settings.swarm_engine_address,
+            edge=settings.swarm_edge,
         )
     return DockerBackend()

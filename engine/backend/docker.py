@@ -303,6 +303,12 @@ class DockerBackend:
         with _translated():
             ensure_edge_network(name, subnet)
 
+    def publish(self, network: str) -> None:
+        pass  # the workspace is on the shared edge network: the stack's doing
+
+    def unpublish(self, sandbox_id: str) -> None:
+        pass
+
 
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:

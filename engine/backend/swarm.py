@@ -26,11 +26,15 @@ from urllib.parse import urlsplit
 import docker
 import docker.errors
 import docker.tls
+import requests
 
 from engine.backend import BackendError, ContainerGone, Interactive, Place, Ran, Stream
 from engine.backend.docker import Connect, DockerBackend, engine_objects, labelled_objects
 from engine.model.spec import L_ENGINE, L_SANDBOX
 
+# A node's Docker API that does not answer (a node lost since the manager last heard from it):
+# requests' own errors reach us where the Docker SDK does not wrap them (its list calls).
+UNANSWERED = (BackendError, docker.errors.DockerException, requests.exceptions.RequestException)
 log = logging.getLogger("sandbox_engine.backend.swarm")
 TIMEOUT = 60
 # The Docker API version spoken to the nodes (Docker 20.10's; later daemons answer it too): a
@@ -48,9 +52,16 @@ class SwarmBackend:
     """``Backend`` on a Swarm: the manager for the cluster's objects, each node for its own."""
 
     def __init__(
-        self, manager: str, tls_dir: Path, *, node_port: int = 2376, engine_address: str = ""
+        self,
+        manager: str,
+        tls_dir: Path,
+        *,
+        node_port: int = 2376,
+        engine_address: str = "",
+        edge: str = "",
     ) -> None:
         self.manager_url = manager
+        self.edge = edge  # the swarm edge's container on the manager (SANDBOX_SWARM_EDGE)
         self.tls_dir = Path(tls_dir)
         self.node_port = node_port
         self._engine_address = engine_address
@@ -269,10 +280,18 @@ class SwarmBackend:
         return node.user_of(cid)
 
     def place(self, container: str, network: str) -> Place:
-        nets = (self.inspect(container).get("NetworkSettings") or {}).get("Networks") or {}
+        """Its address on its overlay and its node's: a task's connection to the engine's
+        host leaves through the node's ``docker_gwbridge``, whose NAT gives it the node's
+        address (the one it joined the swarm with), so that is the peer the AI gateway sees.
+        A token is thereby bound to its sandbox's node, not to the sandbox alone
+        (docs/cluster.md)."""
+        node, cid, node_id = self.locate(container)
+        nets = (node.inspect(cid).get("NetworkSettings") or {}).get("Networks") or {}
         own = nets.get(network) or {}
-        addresses = tuple(sorted({own["IPAddress"]} if own.get("IPAddress") else ()))
-        return Place(addresses, self.host_address())
+        addresses = {own["IPAddress"]} if own.get("IPAddress") else set()
+        with self._lock:
+            addresses.add(self._addresses[node_id])
+        return Place(tuple(sorted(addresses)), self.host_address())
 
     def notify(self, container: str, message: str) -> bool:
         try:
@@ -298,7 +317,7 @@ class SwarmBackend:
             found = [f"service {s['Spec']['Name']}" for s in api.services(filters=selector)]
             found += [f"network {n['Name']}" for n in api.networks(filters=selector)]
         for node in self._ready_nodes():
-            with contextlib.suppress(BackendError, docker.errors.DockerException):
+            with contextlib.suppress(*UNANSWERED):
                 found += [
                     o
                     for o in labelled_objects(sandbox_id, node.connect)
@@ -324,9 +343,13 @@ class SwarmBackend:
                 time.sleep(0.5)
         nodes = self._ready_nodes()
         for node in nodes:  # containers a lost task left behind on a node
-            removed += node.remove(sandbox_id, containers_only=True)
+            try:
+                removed += node.remove(sandbox_id, containers_only=True)
+            except UNANSWERED as exc:  # gone since the manager last heard from it
+                log.info("a node does not answer; what it holds of %s waits: %s", sandbox_id, exc)
         if containers_only:
             return removed
+        self.unpublish(sandbox_id)  # the edge on the overlay would keep it
         with self._swarm() as api:
             for n in api.networks(filters=selector):
                 for _ in range(20):  # busy until the last task's endpoint is released
@@ -339,7 +362,10 @@ class SwarmBackend:
                         time.sleep(0.5)
                 removed.append(f"network {n['Name']}")
         for node in nodes:
-            removed += [o for o in node.remove(sandbox_id) if not o.startswith("network ")]
+            try:
+                removed += [o for o in node.remove(sandbox_id) if not o.startswith("network ")]
+            except UNANSWERED as exc:  # its volumes wait for the orphan sweep once it is back
+                log.info("a node does not answer; what it holds of %s waits: %s", sandbox_id, exc)
         return removed
 
     def forget(self, sandbox_id: str) -> list[str]:
@@ -394,7 +420,7 @@ class SwarmBackend:
                 if sid:
                     found.setdefault(sid, []).append(f"network {n['Name']}")
         for node in self._ready_nodes():
-            with contextlib.suppress(BackendError, docker.errors.DockerException):
+            with contextlib.suppress(*UNANSWERED):
                 for sid, objects in engine_objects(engine, node.connect).items():
                     found.setdefault(sid, []).extend(
                         o for o in objects if not o.startswith("network ")
@@ -402,8 +428,33 @@ class SwarmBackend:
         return found
 
     def prepare_edge(self, name: str, subnet: str) -> None:
-        # Published ports on a swarm are not routed by the edge yet (docs/cluster.md).
-        log.info("no edge network on a swarm (%s)", name)
+        if not self.edge:
+            raise BackendError("no swarm edge is set (SANDBOX_SWARM_EDGE): docs/cluster.md")
+
+    def publish(self, network: str) -> None:
+        """The swarm's edge (a Traefik container on the manager) joins the sandbox's overlay:
+        its swarm provider reaches the workspace's task there, and only there."""
+        try:
+            with self._swarm(30) as api:
+                api.connect_container_to_network(self.edge, network)
+        except BackendError as exc:
+            if "already exists" not in str(exc):  # joined before (a repair)
+                raise BackendError(
+                    f"the swarm edge {self.edge} could not join {network}: {exc}"
+                ) from exc
+
+    def unpublish(self, sandbox_id: str) -> None:
+        if not self.edge:
+            return
+        with self._swarm(30) as api:
+            networks = api.networks(filters={"label": f"{L_SANDBOX}={sandbox_id}"})
+            for n in networks:
+                try:
+                    api.disconnect_container_from_network(self.edge, n["Id"], force=True)
+                except docker.errors.APIError as exc:
+                    # Not connected (a sandbox without public ports), or the network is gone.
+                    if exc.status_code != 404 and "not connected" not in str(exc.explanation):
+                        raise
 
 
 def _index(task: dict[str, Any] | None) -> int:

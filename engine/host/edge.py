@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -45,11 +46,27 @@ class Edge:
         return f"http://{self.settings.edge_host}:{self.settings.edge_port}"
 
     def dynamic(self) -> dict[str, object]:
-        """Routes to the engine itself: the API at ``api.<domain>``, the UI at ``<domain>``."""
+        """Routes to the engine itself: the API at ``api.<domain>``, the UI at ``<domain>``
+        (balanced across SANDBOX_EDGE_ENGINES too: several engines on one database);
+        on a swarm with an edge (SANDBOX_SWARM_EDGE_URL), every other host of the domain —
+        the sandboxes' published ports — to the swarm's edge, whose swarm provider routes
+        them (docs/cluster.md)."""
         s = self.settings
+        swarm: dict[str, dict[str, object]] = {"routers": {}, "services": {}}
+        if s.backend == "swarm" and s.swarm_edge_url:
+            swarm["routers"]["swarm-sandboxes"] = {
+                "rule": f"HostRegexp(`^[a-z0-9-]+\\.{re.escape(s.domain)}$`)",
+                "entryPoints": [s.entrypoint],
+                "service": "swarm-edge",
+                "priority": 1,  # after the engine's own hosts
+            }
+            swarm["services"]["swarm-edge"] = {
+                "loadBalancer": {"servers": [{"url": s.swarm_edge_url}], "passHostHeader": True}
+            }
         return {
             "http": {
                 "routers": {
+                    **swarm["routers"],
                     "engine-api": {
                         "rule": f"Host(`api.{s.domain}`)",
                         "entryPoints": [s.entrypoint],
@@ -62,9 +79,10 @@ class Edge:
                     },
                 },
                 "services": {
+                    **swarm["services"],
                     "engine": {
-                        "loadBalancer": {"servers": [{"url": f"http://127.0.0.1:{s.listen_port}"}]}
-                    }
+                        "loadBalancer": {"servers": [{"url": url} for url in s.engine_urls]}
+                    },
                 },
             }
         }

@@ -137,8 +137,7 @@ class Creates:
     def _check_backend(self, template: Template) -> None:
         """What a swarm does not do yet is refused before anything is made (docs/cluster.md):
         egress rules (the firewall that enforces them runs on the engine's host, not on the
-        nodes), published ports (the edge does not route to the nodes' networks) and the AI
-        gateway (a token is bound to its sandbox's address, which its node's NAT hides)."""
+        nodes), and published ports where the swarm has no edge (SANDBOX_SWARM_EDGE)."""
         if self.settings.backend != "swarm":
             return
         if template.egress != "open":
@@ -148,18 +147,11 @@ class Creates:
                 " a swarm backend does not enforce yet: use a template with egress open there"
                 " (docs/cluster.md)",
             )
-        if any(e.public for e in template.expose):
+        if any(e.public for e in template.expose) and not self.settings.swarm_edge:
             raise InvalidRequest(
                 "template",
-                f"{template.name!r} publishes ports, which a swarm backend does not route yet"
-                " (docs/cluster.md)",
-            )
-        if template.claude.access == "gateway":
-            raise InvalidRequest(
-                "template",
-                f"{template.name!r} gives Claude Code the AI gateway (claude.access gateway),"
-                " whose tokens a swarm backend does not bind to its sandboxes yet: use"
-                " claude.access none there (docs/cluster.md)",
+                f"{template.name!r} publishes ports, and this swarm has no edge to route them"
+                " (SANDBOX_SWARM_EDGE, docs/cluster.md)",
             )
 
     async def _check_runtime(self, template: Template) -> None:

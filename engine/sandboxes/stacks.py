@@ -168,6 +168,7 @@ class StackManager:
         run: ``destroy --remove``). When the destroy fails the stack is removed anyway
         (``--force``) and the error raised: the caller decides what is left to clean."""
         try:
+            self.backend.unpublish(name.removeprefix("sbx-"))
             self._cli(
                 ["destroy", "--yes", "--skip-preview", "--remove", "--stack", name], inline=True
             )
@@ -225,6 +226,9 @@ class StackManager:
                     progress=progress,
                     events=events,
                 )
+                outputs = stack_outputs(events)
+                if any(e.public for e in template.expose):
+                    self.backend.publish(str(outputs.get("network") or ""))
             except PulumiInterrupted as exc:
                 # The engine is stopping: no teardown now (another Pulumi run); the sandbox
                 # stays "creating" and the next start's recovery cleans it up.
@@ -238,7 +242,7 @@ class StackManager:
             except BaseException:
                 self._remove_stack(name)
                 raise
-            return stack_outputs(events)
+            return outputs
 
     def preview_template(self, template: Template, templates_dir: Path) -> Preview:
         """What a new sandbox of this template would create; nothing is created."""
@@ -264,6 +268,7 @@ class StackManager:
         name = stack_name(sandbox_id)
         with self._operation(name):
             try:
+                self.backend.unpublish(sandbox_id)
                 self._cli(
                     ["destroy", "--yes", "--skip-preview", "--remove", "--stack", name],
                     inline=True,
@@ -291,6 +296,7 @@ class StackManager:
             # Containers first: one created but not yet recorded would keep the network and
             # volumes busy. The provider counts the recorded ones, now gone, as deleted.
             self.backend.remove(sandbox_id, containers_only=True)
+            self.backend.unpublish(sandbox_id)
             try:
                 stack = self._stack(name, create=False)
             except NotFoundError:
@@ -327,7 +333,13 @@ class StackManager:
                 up = stack.up(on_event=progress_events(progress))
             except auto.CommandError as exc:
                 raise StackError(_summarize(exc)) from exc
-            return {k: v.value for k, v in up.outputs.items()}
+            outputs = {k: v.value for k, v in up.outputs.items()}
+            if any(e.get("public") for e in outputs.get("endpoints") or []):
+                try:  # a network made anew is joined again
+                    self.backend.publish(str(outputs.get("network") or ""))
+                except BackendError as exc:
+                    raise StackError(str(exc)) from exc
+            return outputs
 
     def refresh(self, sandbox_id: str) -> dict[str, int]:
         name = stack_name(sandbox_id)

@@ -113,37 +113,15 @@ def engine_process(**settings_env: str) -> Iterator[Engine]:
     url = urlsplit(admin_url)._replace(path=f"/{name}").geturl()
     tmp = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
     log = tmp / "engine.log"
-    proc: subprocess.Popen[bytes] | None = None
     try:
         migrate(url)
         # An admin key exists before the engine starts, so `serve` writes no first-admin-key.
         with psycopg.connect(url, autocommit=True) as conn:
             _, member_key = create_client(conn, name="bench", role=Role.MEMBER)
             _, admin_key = create_client(conn, name="bench-admin", role=Role.ADMIN)
-        port = _free_port()
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "SANDBOX_DATABASE_URL": url,
-            "SANDBOX_PULUMI_BACKEND_URL": f"file://{tmp}",
-            "SANDBOX_TEMPLATES_DIR": str(LIVE),
-            "SANDBOX_MAX_LIVE_SANDBOXES_PER_KEY": "1000",
-            "SANDBOX_CREATES_PER_MINUTE": "10000",
-            **settings_env,
-        }
-        python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [python, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_healthy(base_url, proc, log)
-        yield Engine(base_url, member_key, admin_key, proc.pid, url, log)
+        extra = {"SANDBOX_TEMPLATES_DIR": str(LIVE), **settings_env}
+        with serve_process(url, tmp, log, **extra) as (base_url, pid):
+            yield Engine(base_url, member_key, admin_key, pid, url, log)
     except BaseException:
         kept = Path(tempfile.gettempdir()) / f"{name}.log"
         with contextlib.suppress(OSError):
@@ -153,13 +131,46 @@ def engine_process(**settings_env: str) -> Iterator[Engine]:
         raise
     finally:
         try:
-            if proc is not None:
-                _stop(proc)
             _clean_up(url, tmp, settings)
         finally:
             with psycopg.connect(admin_url, autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve_process(
+    database_url: str, backend: Path, log: Path, **settings_env: str
+) -> Iterator[tuple[str, int]]:
+    """``sandbox-engine serve`` on a free port, on ``database_url`` and the file Pulumi backend
+    in ``backend``, its output appended to ``log``; yields its base URL and pid, and stops it
+    on exit. Keyword arguments are extra ``SANDBOX_*`` variables."""
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "SANDBOX_DATABASE_URL": database_url,
+        "SANDBOX_PULUMI_BACKEND_URL": f"file://{backend}",
+        "SANDBOX_MAX_LIVE_SANDBOXES_PER_KEY": "1000",
+        "SANDBOX_CREATES_PER_MINUTE": "10000",
+        **settings_env,
+    }
+    port = _free_port()
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [python, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        _wait_healthy(base_url, proc, log)
+        yield base_url, proc.pid
+    finally:
+        _stop(proc)
 
 
 def _clean_up(url: str, backend: Path, settings: Settings) -> None:

@@ -12,10 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,14 +24,11 @@ import httpx
 
 from tests.bench.harness import (
     ROOT,
-    VENV_PYTHON,
     Engine,
-    _free_port,
-    _stop,
-    _wait_healthy,
     api_client,
     destroy_all,
     engine_process,
+    serve_process,
     summary,
     wait_state,
 )
@@ -66,35 +60,11 @@ def templates(pool: int) -> Iterator[Path]:
 @contextlib.contextmanager
 def second_engine(first: Engine, env: dict[str, str]) -> Iterator[str]:
     """Another ``serve`` on the first one's database and Pulumi backend; its base URL."""
-    port = _free_port()
-    log = Path(first.log_path).parent / "engine-2.log"
-    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-    full = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "SANDBOX_DATABASE_URL": first.database_url,
-        "SANDBOX_PULUMI_BACKEND_URL": f"file://{Path(first.log_path).parent}",
-        "SANDBOX_MAX_LIVE_SANDBOXES_PER_KEY": "1000",
-        "SANDBOX_CREATES_PER_MINUTE": "10000",
-        **env,
-        # The first engine serves the AI gateway and the egress proxy on this host's ports.
-        "SANDBOX_GATEWAY_SERVE": "false",
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [python, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=full,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, proc, log)
+    state = Path(first.log_path).parent
+    # The first engine serves the AI gateway and the egress proxy on this host's ports.
+    extra = {**env, "SANDBOX_GATEWAY_SERVE": "false"}
+    with serve_process(first.database_url, state, state / "engine-2.log", **extra) as (base, _):
         yield base
-    finally:
-        _stop(proc)
 
 
 def at_once(clients: list[httpx.Client], n: int) -> tuple[float, list[str]]:
