@@ -12,8 +12,8 @@ import pytest
 from engine.ai import budget, transcript
 from engine.ai.stream import Assembler, from_message
 from engine.ai.workspace import first_screen, gateway_env, home_of, managed_settings
-from engine.backend import Ran
-from engine.backend.docker import place
+from engine.backend import BackendError, Ran
+from engine.backend.docker import bridge_gateway, place
 from engine.errors import TemplateError
 from engine.model.templates import load
 
@@ -227,6 +227,15 @@ def test_a_workspace_s_place() -> None:
         "sandbox-edge": {"IPAddress": "10.212.0.5", "Gateway": "10.212.0.1"}}}}  # fmt: skip
     found = place(attrs, "sbx-a-net")
     assert found.addresses == ("10.1.0.2", "10.212.0.5") and found.host == "10.1.0.1"
+
+
+def test_the_host_s_address_on_docker_s_default_bridge() -> None:
+    assert bridge_gateway([{"Subnet": "10.213.0.0/26", "Gateway": "10.213.0.9"}]) == "10.213.0.9"
+    # A dockerd that made docker0 itself (a first start) records the subnet alone.
+    assert bridge_gateway([{"Subnet": "10.213.0.0/26"}]) == "10.213.0.1"
+    assert bridge_gateway([{"Subnet": "fd00::/64"}, {"Subnet": "172.17.0.0/16"}]) == "172.17.0.1"
+    with pytest.raises(BackendError, match="no gateway address"):
+        bridge_gateway([])
 
 
 class _Answers:

@@ -111,12 +111,14 @@ def world(
                 wait_for_state(http, sid, "running")
             yield World(engine, http, upstream, module_database, docker_client, ids, volume)
         finally:
-            for sid in ids.values():
-                http.delete(f"/api/v1/sandboxes/{sid}")
-            for sid in ids.values():
-                wait_for_state(http, sid, "destroyed")
-            http.close()
-            engine.stop()
+            try:
+                for sid in ids.values():
+                    http.delete(f"/api/v1/sandboxes/{sid}")
+                for sid in ids.values():
+                    wait_for_state(http, sid, "destroyed")
+            finally:  # the engine stops whatever happened: it holds the gateway's port
+                http.close()
+                engine.stop()
             # The warm pool's sandboxes (refilled after the claim) outlive an engine by
             # design: nothing of the test's is left.
             with psycopg.connect(module_database) as conn:

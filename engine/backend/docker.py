@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import logging
 import socket
 import tarfile
@@ -90,10 +91,7 @@ class DockerBackend:
     def host_address(self) -> str:
         with self._api(timeout=10) as api:
             configs = (api.inspect_network("bridge").get("IPAM") or {}).get("Config") or []
-        found = next((c["Gateway"] for c in configs if c.get("Gateway")), "")
-        if not found:
-            raise BackendError("Docker's default bridge has no gateway address")
-        return str(found)
+        return bridge_gateway(configs)
 
     # --- running things ------------------------------------------------------------------
 
@@ -319,6 +317,21 @@ def _translated() -> Iterator[None]:
         raise BackendError(f"Docker answered {exc.status_code}: {exc.explanation}") from exc
     except docker.errors.DockerException as exc:
         raise BackendError(f"Docker is not reachable: {exc}") from exc
+
+
+def bridge_gateway(configs: list[dict[str, Any]]) -> str:
+    """The host's address on Docker's default bridge, from the network's IPAM config. A dockerd
+    that made ``docker0`` itself (a first start, from its address pools) records the subnet
+    alone: the bridge driver then gives the host the subnet's first address."""
+    found = next((c["Gateway"] for c in configs if c.get("Gateway")), "")
+    if found:
+        return str(found)
+    for c in configs:
+        with contextlib.suppress(KeyError, ValueError):
+            network = ipaddress.ip_network(c["Subnet"], strict=False)
+            if network.version == 4:
+                return str(next(network.hosts()))
+    raise BackendError("Docker's default bridge has no gateway address")
 
 
 def place(attrs: dict[str, Any], network: str) -> Place:
