@@ -234,9 +234,10 @@ def test_sandboxes_on_other_nodes_and_beside_are_unreachable(cluster: Cluster) -
 
 def test_a_sandbox_s_services_answer_by_name_across_nodes(cluster: Cluster) -> None:
     http = cluster.http
-    # The cluster is full of quarters: three go, so that PostgreSQL's reservation (a CPU) and
-    # its workspace's fit on a node.
-    freed = cluster.on("lab-n1")[:3]
+    # The cluster is full of quarters: two go from lab-n1 and one from lab-n2, so that
+    # PostgreSQL's reservation (a CPU) fits lab-n1 alone and then its workspace's (a quarter
+    # of a CPU) lab-n2 alone: the sandbox spans two nodes, its workspace on a worker.
+    freed = cluster.on("lab-n1")[:2] + cluster.on("lab-n2")[:1]
     for sid in freed:
         http.delete(f"/api/v1/sandboxes/{sid}")
     for sid in freed:
@@ -249,14 +250,15 @@ def test_a_sandbox_s_services_answer_by_name_across_nodes(cluster: Cluster) -> N
     try:
         body = wait(http, sid, ("running", "failed"), timeout=300)
         assert body["state"] == "running", body
-        # By its name on the sandbox's overlay, wherever Swarm put it (dnsrr: the task's own
-        # address), and it answers.
+        nodes = {k: cluster.backend.node_of(f"sbx-{sid}-{k}") for k in ("workspace", "postgres")}
+        assert nodes == {"workspace": "lab-n2", "postgres": "lab-n1"}, nodes
+        # From the workspace on lab-n2: PostgreSQL on lab-n1 by its name on the sandbox's
+        # overlay (dnsrr: the task's own address), and it answers.
         code, out = cluster.sh(
             sid, "getent hosts postgres && timeout 5 bash -c 'echo > /dev/tcp/postgres/5432'"
         )
         assert code == 0, out
-        nodes = {cluster.backend.node_of(f"sbx-{sid}-{k}") for k in ("workspace", "postgres")}
-        print(f"with-db: workspace and postgres on {sorted(nodes)}")
+        print(f"with-db: {nodes}; postgres answers the workspace by name")
     finally:
         http.delete(f"/api/v1/sandboxes/{sid}")
         wait(http, sid, ("destroyed", "failed"))
