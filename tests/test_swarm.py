@@ -80,6 +80,23 @@ class Cluster:
     def on(self, node: str) -> list[str]:
         return sorted(s for s, n in self.quarters.items() if n == node)
 
+    @contextlib.contextmanager
+    def running(self, template: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """A new sandbox of ``template``, running; destroyed after the block, nothing left."""
+        made = self.http.post("/api/v1/sandboxes", json={"template": template})
+        assert made.status_code == 202, made.text
+        sid = made.json()["id"]
+        self.made.append(sid)
+        try:
+            body = wait(self.http, sid, ("running", "failed"), timeout=300)
+            assert body["state"] == "running", body
+            yield sid, body
+        finally:
+            self.http.delete(f"/api/v1/sandboxes/{sid}")
+            wait(self.http, sid, ("destroyed", "failed"))
+        assert wait(self.http, sid, ("destroyed",))["state"] == "destroyed"
+        assert self.backend.objects(sid) == []
+
 
 def overlay_address(backend: SwarmBackend, sid: str) -> str:
     """The sandbox's workspace's address on its own overlay."""
@@ -243,13 +260,7 @@ def test_a_sandbox_s_services_answer_by_name_across_nodes(cluster: Cluster) -> N
     for sid in freed:
         wait(http, sid, ("destroyed",))
         cluster.quarters.pop(sid)
-    made = http.post("/api/v1/sandboxes", json={"template": "with-db"})
-    assert made.status_code == 202, made.text
-    sid = made.json()["id"]
-    cluster.made.append(sid)
-    try:
-        body = wait(http, sid, ("running", "failed"), timeout=300)
-        assert body["state"] == "running", body
+    with cluster.running("with-db") as (sid, _):
         nodes = {k: cluster.backend.node_of(f"sbx-{sid}-{k}") for k in ("workspace", "postgres")}
         assert nodes == {"workspace": "lab-n2", "postgres": "lab-n1"}, nodes
         # From the workspace on lab-n2: PostgreSQL on lab-n1 by its name on the sandbox's
@@ -259,10 +270,6 @@ def test_a_sandbox_s_services_answer_by_name_across_nodes(cluster: Cluster) -> N
         )
         assert code == 0, out
         print(f"with-db: {nodes}; postgres answers the workspace by name")
-    finally:
-        http.delete(f"/api/v1/sandboxes/{sid}")
-        wait(http, sid, ("destroyed", "failed"))
-    assert cluster.backend.objects(sid) == []
 
 
 def test_claude_code_on_a_node_answers_through_the_gateway_its_token_bound_to_the_node(
@@ -271,14 +278,7 @@ def test_claude_code_on_a_node_answers_through_the_gateway_its_token_bound_to_th
     """The real Claude Code CLI in a sandbox on a node, through the engine's AI gateway on
     the engine's host (the node's firewall admits it), to the stand-in upstream: the
     operator's key goes upstream only; the sandbox's token is refused from another node."""
-    http = cluster.http
-    made = http.post("/api/v1/sandboxes", json={"template": "claude"})
-    assert made.status_code == 202, made.text
-    sid = made.json()["id"]
-    cluster.made.append(sid)
-    try:
-        body = wait(http, sid, ("running", "failed"), timeout=300)
-        assert body["state"] == "running", body
+    with cluster.running("claude") as (sid, _):
         node = cluster.backend.node_of(f"sbx-{sid}-workspace")
         before = len(cluster.upstream.seen)
         code, out = cluster.sh(sid, "cd ~ && claude -p 'hello from a node'", timeout=180)
@@ -307,10 +307,6 @@ def test_claude_code_on_a_node_answers_through_the_gateway_its_token_bound_to_th
         )
         assert out.startswith("403\n") and "not from its sandbox" in out, out
         print(f"claude -p on {node}: answered; its token from {cluster.quarters[other]}: 403")
-    finally:
-        http.delete(f"/api/v1/sandboxes/{sid}")
-        wait(http, sid, ("destroyed", "failed"))
-    assert cluster.backend.objects(sid) == []
 
 
 def edge_networks(cluster: Cluster) -> set[str]:
@@ -326,16 +322,9 @@ def test_a_published_port_is_routed_by_the_swarm_s_edge(cluster: Cluster) -> Non
     """Traefik on the manager reads the service's labels through its swarm provider and
     reaches the workspace's task on the sandbox's own overlay, which the engine connected it
     to; after the destroy the edge has left it and nothing is left."""
-    http = cluster.http
-    made = http.post("/api/v1/sandboxes", json={"template": "published"})
-    assert made.status_code == 202, made.text
-    sid = made.json()["id"]
-    cluster.made.append(sid)
     edge = cluster.settings.swarm_edge_url
-    host = f"{sid}-8000.{cluster.settings.domain}"
-    try:
-        body = wait(http, sid, ("running", "failed"), timeout=300)
-        assert body["state"] == "running", body
+    with cluster.running("published") as (sid, body):
+        host = f"{sid}-8000.{cluster.settings.domain}"
         assert body["endpoints"] == [{"port": 8000, "public": True, "url": f"http://{host}"}]
         assert f"sbx-{sid}-net" in edge_networks(cluster)
         page = f"hello from {sid} on {cluster.backend.node_of(f'sbx-{sid}-workspace')}"
@@ -356,11 +345,6 @@ def test_a_published_port_is_routed_by_the_swarm_s_edge(cluster: Cluster) -> Non
         other = httpx.get(edge, headers={"Host": f"{sid}-8001.{cluster.settings.domain}"})
         assert other.status_code == 404, other.text
         print(f"published on a swarm: {page!r} through the edge at {edge}")
-    finally:
-        http.delete(f"/api/v1/sandboxes/{sid}")
-        wait(http, sid, ("destroyed", "failed"))
-    assert wait(http, sid, ("destroyed",))["state"] == "destroyed"
-    assert cluster.backend.objects(sid) == []
     assert f"sbx-{sid}-net" not in edge_networks(cluster)
 
 
