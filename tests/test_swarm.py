@@ -443,6 +443,55 @@ def test_a_lost_node_s_sandboxes_show_it_and_come_back_with_their_work(cluster: 
         time.sleep(2)
 
 
+def set_availability(backend: SwarmBackend, hostname: str, availability: str) -> None:
+    """``docker node update --availability …`` through the manager's API."""
+    client = backend.manager.connect(10)
+    try:
+        api = client.api
+        node = next(n for n in api.nodes() if n["Description"]["Hostname"] == hostname)
+        spec = {**node["Spec"], "Availability": availability}
+        api.update_node(node["ID"], node["Version"]["Index"], node_spec=spec)
+    finally:
+        client.close()
+
+
+def test_a_drained_node_s_sandboxes_show_it_and_come_back_when_it_is_active(
+    cluster: Cluster,
+) -> None:
+    """The operator drains lab-n2: Swarm stops its tasks and, their restart policy being
+    none, starts none elsewhere (their volumes are on lab-n2); the engine shows them lost,
+    naming the node and the drain; creates go to the other nodes; once the node is active
+    again they start there with their work."""
+    http, backend = cluster.http, cluster.backend
+    on_n2 = cluster.on("lab-n2")
+    assert on_n2, cluster.quarters
+    code, out = cluster.sh(on_n2[0], "echo kept-through-the-drain > ~/drained.txt")
+    assert code == 0, out
+    set_availability(backend, "lab-n2", "drain")
+    try:
+        t0 = time.monotonic()
+        while True:
+            bodies = {sid: http.get(f"/api/v1/sandboxes/{sid}").json() for sid in on_n2}
+            if all(b["state"] == "lost" for b in bodies.values()):
+                break
+            assert time.monotonic() - t0 < 120, {s: b["state"] for s, b in bodies.items()}
+            time.sleep(1)
+        took = time.monotonic() - t0
+        for body in bodies.values():
+            assert "node lab-n2 drained" in body["error"], body
+            assert "active again" in body["error"], body
+        with cluster.running("quarter") as (new, _):
+            assert backend.node_of(f"sbx-{new}-workspace") != "lab-n2"
+    finally:
+        set_availability(backend, "lab-n2", "active")
+    for sid in on_n2:
+        assert wait(http, sid, ("running", "failed"), timeout=300)["state"] == "running"
+        assert backend.node_of(f"sbx-{sid}-workspace") == "lab-n2"
+    code, out = cluster.sh(on_n2[0], "cat ~/drained.txt")
+    assert code == 0 and "kept-through-the-drain" in out, out
+    print(f"lab-n2 drained: its {len(on_n2)} sandboxes shown lost in {took:.1f} s; back on it")
+
+
 @dataclass
 class _Ran:
     exit_code: int

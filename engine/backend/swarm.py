@@ -34,6 +34,7 @@ from engine.model.spec import L_ENGINE, L_SANDBOX
 
 # A node's Docker API that does not answer (a node lost since the manager last heard from it):
 # requests' own errors reach us where the Docker SDK does not wrap them (its list calls).
+DRAINED = " (drained)"  # after a node's name in a state: drained, not down
 UNANSWERED = (BackendError, docker.errors.DockerException, requests.exceptions.RequestException)
 log = logging.getLogger("sandbox_engine.backend.swarm")
 TIMEOUT = 60
@@ -376,16 +377,20 @@ class SwarmBackend:
     def states(self, engine: str) -> dict[str, dict[str, str]]:
         """Sandbox id → service name → state: its newest task's (Docker's words where they
         exist: running; restarting while Swarm brings it up), or ``node-lost`` when the node
-        that holds it is down (``node-lost:<hostname>``)."""
+        that holds it is down (``node-lost:<hostname>``) or drained by the operator
+        (``node-lost:<hostname> (drained)``: Swarm stopped its task there and, its restart
+        policy being ``none``, started none elsewhere)."""
         with self._swarm() as api:
             services = api.services(filters={"label": [f"{L_ENGINE}={engine}", L_SANDBOX]})
             if not services:
                 return {}
-            down = {
-                n["ID"]: n["Description"]["Hostname"]
-                for n in api.nodes()
-                if (n.get("Status") or {}).get("State") != "ready"
-            }
+            down: dict[str, str] = {}
+            for n in api.nodes():
+                host = n["Description"]["Hostname"]
+                if (n.get("Status") or {}).get("State") != "ready":
+                    down[n["ID"]] = host
+                elif (n.get("Spec") or {}).get("Availability") == "drain":
+                    down[n["ID"]] = f"{host}{DRAINED}"
             tasks = _tasks_of(api, [x["ID"] for x in services])
         newest: dict[str, dict[str, Any]] = {}
         for t in tasks:

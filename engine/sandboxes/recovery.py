@@ -32,6 +32,7 @@ MAX_REPAIRS = 3
 HEALTHY = ("running", "restarting")
 # A container on a node that is down (a swarm: engine/backend/swarm.py), with the node's name.
 LOST_PREFIX = "node-lost:"
+DRAINED = " (drained)"  # engine.backend.swarm.DRAINED: the node was drained, not lost
 # The operation an in-flight state stands for, in messages.
 INTERRUPTED = {"creating": "create", "repairing": "repair", "destroying": "destroy"}
 
@@ -183,18 +184,25 @@ class Recovery:
 
     async def _lost_or_back(self, row: SandboxRow, nodes: list[str]) -> bool:
         """A sandbox on a node that is down is shown ``lost`` (state, event and error naming
-        the node), never started elsewhere: its volumes are on that node. Once the node is
-        back, it is repaired there (started again with its volumes). True: a repair began."""
+        the node), never started elsewhere: its volumes are on that node; so is one on a node
+        the operator drained. Once the node is back (active), it is repaired there (started
+        again with its volumes). True: a repair began."""
         jobs = self.jobs
         if nodes:
             if row.state == SandboxState.POOLED:
                 return bool(await self.pool.recycle(row.id, f"node {', '.join(nodes)} lost"))
             if row.state != SandboxState.RUNNING:
                 return False  # already lost
+            drained = all(n.endswith(DRAINED) for n in nodes)
+            names = ", ".join(n.removesuffix(DRAINED) for n in nodes)
             why = (
-                f"node {', '.join(nodes)} lost: its Docker daemon does not answer the swarm;"
+                f"node {names} drained: Swarm stopped the sandbox there;"
+                if drained
+                else f"node {names} lost: its Docker daemon does not answer the swarm;"
+            ) + (
                 " the sandbox's work is on that node. It starts there again when the node is"
-                " back; DELETE destroys it"
+                + (" active again" if drained else " back")
+                + "; DELETE destroys it"
             )
             moved = await jobs.db(store.transition, row.id, SandboxState.LOST, error=why)
             if moved is not None:
