@@ -24,6 +24,11 @@ from engine.errors import EngineError
 if TYPE_CHECKING:
     from engine.settings import Settings
 
+# A container's state in ``Backend.states`` when the node that holds it is gone (a swarm):
+# ``node-lost:<hostname>``, or ``node-lost:<hostname> (drained)`` when the operator drained it.
+NODE_LOST = "node-lost:"
+DRAINED = " (drained)"
+
 
 class BackendError(EngineError):
     """The backend could not do what was asked (its daemon unreachable, a refusal)."""

@@ -28,13 +28,21 @@ import docker.errors
 import docker.tls
 import requests
 
-from engine.backend import BackendError, ContainerGone, Interactive, Place, Ran, Stream
+from engine.backend import (
+    DRAINED,
+    NODE_LOST,
+    BackendError,
+    ContainerGone,
+    Interactive,
+    Place,
+    Ran,
+    Stream,
+)
 from engine.backend.docker import Connect, DockerBackend, engine_objects, labelled_objects
 from engine.model.spec import L_ENGINE, L_SANDBOX
 
 # A node's Docker API that does not answer (a node lost since the manager last heard from it):
 # requests' own errors reach us where the Docker SDK does not wrap them (its list calls).
-DRAINED = " (drained)"  # after a node's name in a state: drained, not down
 UNANSWERED = (BackendError, docker.errors.DockerException, requests.exceptions.RequestException)
 log = logging.getLogger("sandbox_engine.backend.swarm")
 TIMEOUT = 60
@@ -405,7 +413,7 @@ class SwarmBackend:
             if task is not None:
                 state = str((task.get("Status") or {}).get("State") or "missing")
                 if task.get("NodeID") in down:
-                    state = f"node-lost:{down[task['NodeID']]}"
+                    state = f"{NODE_LOST}{down[task['NodeID']]}"
                 elif state in COMING:
                     state = "restarting"
             found.setdefault(labels.get(L_SANDBOX, ""), {})[s["Spec"]["Name"]] = state

@@ -14,7 +14,7 @@ import psycopg
 
 from engine import store, workers
 from engine.ai.setup import ClaudeSetup
-from engine.backend import Backend
+from engine.backend import DRAINED, NODE_LOST, Backend
 from engine.egress.setup import EgressSetup
 from engine.errors import Interrupted, describe
 from engine.hiring import archives
@@ -30,9 +30,6 @@ log = logging.getLogger("sandbox_engine.service")
 MAX_REPAIRS = 3
 # Container states that need no repair ("restarting": Docker's restart policy is at work).
 HEALTHY = ("running", "restarting")
-# A container on a node that is down (a swarm: engine/backend/swarm.py), with the node's name.
-LOST_PREFIX = "node-lost:"
-DRAINED = " (drained)"  # engine.backend.swarm.DRAINED: the node was drained, not lost
 # The operation an in-flight state stands for, in messages.
 INTERRUPTED = {"creating": "create", "repairing": "repair", "destroying": "destroy"}
 
@@ -158,8 +155,8 @@ class Recovery:
             states = everything.get(row.id, {})
             if any(states.get(n) == "removing" for n in expected):
                 continue  # Docker is still removing it: repair once it is gone (next pass)
-            lost = sorted({str(states[n]).removeprefix(LOST_PREFIX) for n in expected
-                           if str(states.get(n, "")).startswith(LOST_PREFIX)})  # fmt: skip
+            lost = sorted({str(states[n]).removeprefix(NODE_LOST) for n in expected
+                           if str(states.get(n, "")).startswith(NODE_LOST)})  # fmt: skip
             if lost or row.state == SandboxState.LOST:
                 if await self._lost_or_back(row, lost):
                     started.append(row.id)

@@ -218,7 +218,8 @@ class StackManager:
                         template, sandbox_id, owner, templates_dir, self.instance, env
                     ),
                 )
-                if any(e.public for e in template.expose):
+                published = any(e.public for e in template.expose)
+                if published:
                     self.backend.prepare_edge(self.settings.edge_network, self.settings.edge_subnet)
                 self._cli(
                     ["up", "--yes", "--skip-preview", "--stack", name],
@@ -227,7 +228,7 @@ class StackManager:
                     events=events,
                 )
                 outputs = stack_outputs(events)
-                if any(e.public for e in template.expose):
+                if published:
                     self.backend.publish(str(outputs.get("network") or ""))
             except PulumiInterrupted as exc:
                 # The engine is stopping: no teardown now (another Pulumi run); the sandbox
